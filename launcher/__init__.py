@@ -1,0 +1,1 @@
+"""Who am I and where is everyone: SLURM, MPI, torchrun or a single process."""

@@ -1,0 +1,109 @@
+"""Rotary position embeddings and causal self-attention (paper section 2.2 and 2.4).
+
+RoPE follows Meta's released code: *consecutive* pairs (x0, x1), (x2, x3), … of each head
+rotate by θ_i = theta^(-2i/head_dim), so Meta's weights load without permutation. We compute it
+with cos/sin in real arithmetic (the same numbers as Meta's complex product, no complex dtype).
+
+Attention backends: `sdpa` (torch's scaled_dot_product_attention, causal, never materialises
+the masked scores with its flash/efficient kernels), `xformers` (memory_efficient_attention,
+CUDA only: its wheel has no CPU kernels) and `auto` (xformers where its kernels run, else sdpa).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.layers import NO_TP, ColumnParallelLinear, RowParallelLinear, TensorParallel, column_parallel, divide
+
+BACKENDS = ("auto", "sdpa", "xformers")
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × frequency, each [max_seq_len, head_dim/2], fp32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the angles of cos/sin [seq, head_dim/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+@functools.cache
+def xformers_unavailable_reason(device_type: str) -> str | None:
+    """None when xformers' memory-efficient attention runs on `device_type`, else why not."""
+    if device_type != "cuda":
+        return f"xformers has no kernels for device '{device_type}' (its wheels are CUDA builds)"
+    try:
+        import xformers.ops as xops
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        xops.memory_efficient_attention(q, q, q, attn_bias=xops.LowerTriangularMask())
+    except Exception as err:  # an import error, or a wheel built for another CUDA/torch
+        return f"xformers cannot run: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+def resolve_backend(name: str, device) -> str:
+    """The backend that will run: 'sdpa' or 'xformers'. Fails clearly for one that cannot."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention={name!r} is not a backend; choose one of {BACKENDS}")
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if name == "sdpa" or device_type == "meta":
+        return "sdpa"
+    reason = xformers_unavailable_reason(device_type)
+    if name == "xformers" and reason:
+        raise ValueError(f"attention='xformers' cannot run here: {reason}; use 'sdpa' or 'auto'")
+    return "sdpa" if reason else "xformers"
+
+
+def causal_attention(q, k, v, backend: str = "sdpa", start_pos: int = 0):
+    """q [b, s_q, h, d]; k, v [b, s_k, h, d]; query i sits at position start_pos + i."""
+    s_q, s_k = q.shape[1], k.shape[1]
+    if backend == "xformers":
+        import xformers.ops as xops
+        bias = xops.LowerTriangularFromBottomRightMask() if s_q > 1 else None
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if start_pos == 0 and s_q == s_k:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif s_q == 1:  # one new token sees the whole cache
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:  # a chunk after a cache: causal with an offset
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention; heads are split across tp (wq, wk, wv by rows, wo by columns)."""
+
+    def __init__(self, dim: int, n_heads: int, n_layers: int, tp: TensorParallel = NO_TP,
+                 backend: str = "sdpa", device=None, dtype=None):
+        super().__init__()
+        self.n_local_heads = divide(n_heads, tp.size, "n_heads")
+        self.head_dim = dim // n_heads
+        self.backend = backend
+        kw = dict(tp=tp, device=device, dtype=dtype)
+        self.wq = ColumnParallelLinear(dim, dim, **kw)
+        self.wk = ColumnParallelLinear(dim, dim, **kw)
+        self.wv = ColumnParallelLinear(dim, dim, **kw)
+        # Residual-branch outputs scaled by 1/sqrt(2·n_layers) (GPT-2, Megatron-LM).
+        self.wo = RowParallelLinear(dim, dim, init_std=0.02 / math.sqrt(2 * n_layers), **kw)
+
+    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
+        xq, xk, xv = column_parallel(x, self.wq, self.wk, self.wv)
+        b, s = xq.shape[:2]  # the full sequence, also when x was a sequence shard
+        xq, xk, xv = (t.view(b, s, self.n_local_heads, self.head_dim) for t in (xq, xk, xv))
+        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+        if kv_cache is not None:
+            xk, xv = kv_cache.update(xk, xv, start_pos)
+        out = causal_attention(xq, xk, xv, self.backend, start_pos)
+        return self.wo(out.reshape(b, s, -1))

@@ -1,0 +1,150 @@
+"""Model and training configuration: the numbers of the LLaMA paper (Table 2, section 2.3).
+
+A YAML file has two sections, `model` and `train`; presets live in `configs/` and are named
+by file stem (`llama-7b`, `tiny`). Every check fails with one line naming the value and the rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the value and the rule."""
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive number")
+
+
+def ffn_hidden_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """The paper's SwiGLU width: 2/3 of 4·dim, rounded *up* to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:  # Meta's later releases (LLaMA 2 70B, LLaMA 3) scale it
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps",
+                  "max_seq_len", "rope_theta")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
+        if self.ffn_dim_multiplier is not None:
+            _positive(self, "ffn_dim_multiplier")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def num_params(self) -> int:
+        """Parameter count from the shapes alone (embedding and output untied, no biases)."""
+        per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (paper section 2.3) and the run's size. Batch sizes count sequences."""
+    lr: float = 3.0e-4
+    min_lr_ratio: float = 0.1        # cosine decays to 10% of the peak
+    warmup_steps: int = 2000
+    steps: int = 250_000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seq_len: int = 2048
+    global_batch: int = 2048         # 2048 × 2048 tokens = 4M tokens, Table 2
+    micro_batch: int = 1
+    total_tokens: float = 1.0e12     # Table 2: 1.0T (7B, 13B), 1.4T (33B, 65B)
+    seed: int = 1234
+    dtype: str = "bf16"
+    attention: str = "auto"
+    recompute: str = "selective"
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "min_lr_ratio", "steps", "beta1", "beta2", "grad_clip", "seq_len",
+                  "global_batch", "micro_batch", "log_every")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} and weight_decay={self.weight_decay} "
+                              "must be >= 0")
+        if not self.beta1 < 1 or not self.beta2 < 1:
+            raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2} must be < 1")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"dtype={self.dtype!r} must be one of fp32, bf16")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"recompute={self.recompute!r} must be one of none, selective, full")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"global_batch={self.global_batch} is not divisible by "
+                              f"micro_batch={self.micro_batch}")
+
+
+@dataclass
+class RunConfig:
+    model: LlamaConfig = field(default_factory=LlamaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _build(cls, values: dict, section: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section '{section}'; known: {sorted(known)}")
+    return cls(**values)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a preset in configs/."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; choose one of {presets()} or a .yaml path")
+    return preset
+
+
+def load_config(name_or_path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a preset or YAML file; `overrides` is {"model": {...}, "train": {...}}."""
+    raw = yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {}
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; a config has 'model' and 'train'")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return RunConfig(model=_build(LlamaConfig, raw.get("model") or {}, "model"),
+                     train=_build(TrainConfig, raw.get("train") or {}, "train"))

@@ -1,0 +1,125 @@
+"""The LLaMA transformer (Touvron et al. 2023, section 2.2), built only from `parallel` layers.
+
+    tokens → embedding → n × [RMSNorm → attention(RoPE) → +residual; RMSNorm → SwiGLU → +residual]
+           → RMSNorm → output projection
+
+Pre-normalisation, SwiGLU, rotary embeddings, no biases, untied input and output embeddings.
+Parameter names are Meta's and layout-free (`layers.17.attention.wq.weight`). On one process
+the parallel layers are plain linear layers; with a tp group they shard themselves. A pipeline
+stage builds only its `layer_ids`, plus the embedding on the first stage and the head on the last.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.attention import Attention, resolve_backend, rope_tables
+from llama.config import LlamaConfig
+from parallel.layers import (
+    NO_TP,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    column_parallel,
+    padded_size,
+)
+from parallel.loss import vocab_parallel_cross_entropy
+from parallel.mappings import gather_from_tp
+from parallel.norm import RMSNorm
+from parallel.recompute import check_mode, run_with_recompute
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden: int, n_layers: int, tp: TensorParallel = NO_TP, device=None, dtype=None):
+        super().__init__()
+        kw = dict(tp=tp, device=device, dtype=dtype)
+        self.w1 = ColumnParallelLinear(dim, hidden, **kw)
+        self.w3 = ColumnParallelLinear(dim, hidden, **kw)
+        self.w2 = RowParallelLinear(hidden, dim, init_std=0.02 / math.sqrt(2 * n_layers), **kw)
+
+    def forward(self, x):
+        h1, h3 = column_parallel(x, self.w1, self.w3)
+        return self.w2(F.silu(h1) * h3)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel = NO_TP, backend="sdpa", device=None, dtype=None):
+        super().__init__()
+        kw = dict(tp=tp, device=device, dtype=dtype)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_layers, backend=backend, **kw)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.n_layers, **kw)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+
+    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The whole model, or one pipeline stage of it.
+
+    tp: the tensor-parallel group and whether sequence parallelism is on.
+    attention: 'auto' | 'sdpa' | 'xformers'.  recompute: 'none' | 'selective' | 'full'.
+    vocab_pad_multiple: the vocabulary is padded to a multiple of this × tp (padding never wins
+    a softmax nor receives a loss). layer_ids / first_stage / last_stage: a pipeline stage.
+    """
+
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel = NO_TP, attention: str = "auto",
+                 recompute: str = "none", vocab_pad_multiple: int = 1, layer_ids=None,
+                 first_stage: bool = True, last_stage: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.cfg, self.tp, self.recompute = cfg, tp, check_mode(recompute)
+        self.first_stage, self.last_stage = first_stage, last_stage
+        self.backend = resolve_backend(attention, device)
+        kw = dict(tp=tp, device=device, dtype=dtype)
+        layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        if first_stage:
+            self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, pad_to_multiple_of=vocab_pad_multiple,
+                                                         **kw)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, backend=self.backend, **kw) for i in layer_ids})
+        if last_stage:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+            self.padded_vocab = padded_size(cfg.vocab_size, vocab_pad_multiple * tp.size)
+            self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, padded_out_features=self.padded_vocab, **kw)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x, targets=None, start_pos: int = 0, kv_caches=None):
+        """x: token ids [b, s] on the first stage, else the hidden state from the previous stage.
+
+        Returns the hidden state on a stage that is not last; on the last, the mean loss when
+        `targets` is given, else this rank's logits [b, s, vocab/tp] (see `gather_logits`).
+        """
+        h = self.tok_embeddings(x) if self.first_stage else x
+        seq = x.shape[1] if self.first_stage else h.shape[1] * (self.tp.size if self.tp.sp else 1)
+        if start_pos + seq > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seq} exceed max_seq_len={self.cfg.max_seq_len}")
+        cos = self.rope_cos[start_pos:start_pos + seq]
+        sin = self.rope_sin[start_pos:start_pos + seq]
+        for name, layer in self.layers.items():
+            if kv_caches is not None:
+                h = layer(h, cos, sin, kv_caches[name], start_pos)
+            else:
+                h = run_with_recompute(layer, h, cos, sin, mode=self.recompute)
+        if not self.last_stage:
+            return h
+        logits = self.output(self.norm(h))
+        if targets is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, targets, self.tp.group, self.vocab_start, self.cfg.vocab_size)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.tp.rank * (self.padded_vocab // self.tp.size)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [b, s, vocab_size] from this rank's slice (one all-gather)."""
+        return gather_from_tp(logits, self.tp.group)[..., : self.cfg.vocab_size]

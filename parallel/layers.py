@@ -1,0 +1,158 @@
+"""Tensor-parallel layers (Megatron-LM): column- and row-parallel linear, vocab-parallel embedding.
+
+On one process (group None) each is exactly nn.Linear / nn.Embedding without bias. With tp ranks:
+
+    ColumnParallelLinear   W split by output rows; the input enters the tp region through
+                           copy_to_tp (or gather_from_sp under sequence parallelism)
+    RowParallelLinear      W split by input columns; partial outputs are summed by
+                           reduce_from_tp (or reduce_scatter_to_sp under sequence parallelism)
+    VocabParallelEmbedding rows split by vocabulary range; a masked lookup, then a sum
+
+Several column layers that read the same input (wq, wk, wv; w1, w3) run through
+`column_parallel(x, *layers)`: one all-gather instead of three, and in backward the
+input-gradient collective is launched before the weight-gradient GEMMs so they overlap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import comm
+from parallel.mappings import (
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
+from parallel.params import make_param
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Which tp group the layers shard over, and whether activations are sequence-sharded."""
+    group: object = None
+    sp: bool = False
+
+    @property
+    def size(self) -> int:
+        return comm.group_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return comm.group_rank(self.group)
+
+
+NO_TP = TensorParallel()
+
+
+def divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        good = [d for d in range(1, n + 1) if n % d == 0 and d <= 64]
+        raise ValueError(f"{what}={n} is not divisible by tp={tp}; choose tp in {good}")
+    return n // tp
+
+
+def padded_size(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ with W's output rows split across tp; the output stays split unless gathered."""
+
+    def __init__(self, in_features, out_features, tp: TensorParallel = NO_TP, gather_output=False,
+                 init_std=0.02, padded_out_features=None, device=None, dtype=None):
+        super().__init__()
+        self.tp, self.gather_output = tp, gather_output
+        self.out_features = out_features  # logical; padded_out_features >= it (vocabulary padding)
+        local_out = divide(padded_out_features or out_features, tp.size, "out_features")
+        self.weight = make_param((local_out, in_features), (out_features, in_features), 0, tp.rank,
+                                 tp.size, init_std, device, dtype)
+
+    def forward(self, x):
+        (y,) = column_parallel(x, self)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x Wᵀ with W's input columns split across tp; the partial products are summed."""
+
+    def __init__(self, in_features, out_features, tp: TensorParallel = NO_TP, input_is_parallel=True,
+                 init_std=0.02, device=None, dtype=None):
+        super().__init__()
+        self.tp, self.input_is_parallel = tp, input_is_parallel
+        local_in = divide(in_features, tp.size, "in_features")
+        self.weight = make_param((out_features, local_in), (out_features, in_features), 1, tp.rank,
+                                 tp.size, init_std, device, dtype)
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.tp.group)
+        y = F.linear(x, self.weight)
+        return reduce_scatter_to_sp(y, self.tp.group) if self.tp.sp else reduce_from_tp(y, self.tp.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary range; ids outside this rank's range look up zeros."""
+
+    def __init__(self, num_embeddings, dim, tp: TensorParallel = NO_TP, pad_to_multiple_of=1,
+                 init_std=0.02, device=None, dtype=None):
+        super().__init__()
+        self.tp, self.num_embeddings = tp, num_embeddings
+        padded = padded_size(num_embeddings, pad_to_multiple_of * tp.size)
+        self.local_rows = padded // tp.size
+        self.vocab_start = tp.rank * self.local_rows
+        self.weight = make_param((self.local_rows, dim), (num_embeddings, dim), 0, tp.rank, tp.size,
+                                 init_std, device, dtype)
+
+    def forward(self, ids):
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.local_rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_scatter_to_sp(out, self.tp.group) if self.tp.sp else reduce_from_tp(out, self.tp.group)
+
+
+class _ColumnParallelMatmuls(torch.autograd.Function):
+    """y_i = x_total W_iᵀ for several weights sharing one input, x_total being x gathered over
+    the sequence (sp) or x itself. Backward: grad_x = Σ g_i W_i, whose collective (reduce-scatter
+    under sp, else all-reduce) runs asynchronously while the weight gradients g_iᵀ x_total compute
+    (the paper's overlap of computation with communication, section 2.4)."""
+
+    @staticmethod
+    def forward(ctx, x, group, sp, *weights):
+        ctx.group, ctx.sp = group, sp
+        x_total = comm.all_gather(x, group, dim=1) if sp else x
+        # Under sp keep only the local shard and gather again in backward (Korthikanti et al.).
+        ctx.save_for_backward(x if sp else x_total, *weights)
+        return tuple(F.linear(x_total, w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        group, sp = ctx.group, ctx.sp
+        x_total = comm.all_gather(x, group, dim=1) if sp else x
+        grad_total = sum(g.matmul(w) for g, w in zip(grads, weights))
+        if sp:
+            finish = comm.reduce_scatter_start(grad_total, group, dim=1)
+        else:
+            finish = comm.all_reduce_start(grad_total, group)
+        flat_x = x_total.reshape(-1, x_total.shape[-1])
+        grad_ws = [g.reshape(-1, g.shape[-1]).t().matmul(flat_x) for g in grads]
+        return (finish(), None, None, *grad_ws)
+
+
+def column_parallel(x, *layers: ColumnParallelLinear):
+    """Run column-parallel layers that share the input `x`; returns one output per layer."""
+    tp = layers[0].tp
+    if tp.size == 1:
+        outs = tuple(F.linear(x, layer.weight) for layer in layers)
+    else:
+        outs = _ColumnParallelMatmuls.apply(x, tp.group, tp.sp, *(layer.weight for layer in layers))
+    return tuple(gather_from_tp(y, tp.group) if layer.gather_output else y for y, layer in zip(outs, layers))
+
