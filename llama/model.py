@@ -33,6 +33,21 @@ from parallel.norm import RMSNorm
 from parallel.recompute import check_mode, run_with_recompute
 
 
+def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: int | None = None) -> None:
+    """Fail with one line, before any collective, when the model cannot be split over tp ranks."""
+    if cfg.n_heads % tp:
+        raise ValueError(f"n_heads={cfg.n_heads} is not divisible by tp={tp}; choose tp in {_divisors(cfg.n_heads)}")
+    if cfg.ffn_dim % tp:
+        raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={tp}; choose tp in {_divisors(cfg.ffn_dim)}")
+    if sp and seq_len is not None and seq_len % tp:
+        raise ValueError(f"seq_len={seq_len} is not divisible by tp={tp}: sequence parallelism shards the "
+                         f"sequence over the tp ranks; pad the sequence or turn sp off")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) · w3 x)."""
 
@@ -75,6 +90,7 @@ class Transformer(nn.Module):
                  recompute: str = "none", vocab_pad_multiple: int = 1, layer_ids=None,
                  first_stage: bool = True, last_stage: bool = True, device=None, dtype=None):
         super().__init__()
+        check_tensor_parallel(cfg, tp.size)
         self.cfg, self.tp, self.recompute = cfg, tp, check_mode(recompute)
         self.first_stage, self.last_stage = first_stage, last_stage
         self.backend = resolve_backend(attention, device)
@@ -98,6 +114,8 @@ class Transformer(nn.Module):
         Returns the hidden state on a stage that is not last; on the last, the mean loss when
         `targets` is given, else this rank's logits [b, s, vocab/tp] (see `gather_logits`).
         """
+        if self.first_stage:
+            check_tensor_parallel(self.cfg, self.tp.size, self.tp.sp, x.shape[1])
         h = self.tok_embeddings(x) if self.first_stage else x
         seq = x.shape[1] if self.first_stage else h.shape[1] * (self.tp.size if self.tp.sp else 1)
         if start_pos + seq > self.cfg.max_seq_len:

@@ -11,8 +11,9 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-# op name -> bytes of the logical buffer each call handled (the all-reduced tensor; the full,
-# gathered tensor for all-gather and reduce-scatter; the sent tensor for p2p).
+# op name -> bytes of the buffer each call handled: the all-reduced tensor; the full (gathered)
+# tensor for all-gather and reduce-scatter; the sent tensor for p2p. What crosses the wire per
+# rank follows from it with the ring factors of `wire_bytes`.
 TRAFFIC: Counter = Counter()
 CALLS: Counter = Counter()
 
@@ -25,6 +26,15 @@ def reset_traffic() -> None:
 def _record(op: str, tensor: torch.Tensor) -> None:
     TRAFFIC[op] += tensor.numel() * tensor.element_size()
     CALLS[op] += 1
+
+
+RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
+
+
+def wire_bytes(op: str, buffer_bytes: int, n: int) -> float:
+    """Bytes one rank sends for a ring collective over n ranks: all-reduce 2(n-1)/n of the
+    buffer, all-gather and reduce-scatter (n-1)/n each (point-to-point: the buffer itself)."""
+    return RING_FACTOR.get(op, n / (n - 1)) * (n - 1) / n * buffer_bytes
 
 
 def group_size(group) -> int:
@@ -50,27 +60,33 @@ def all_reduce_start(tensor: torch.Tensor, group):
     return (lambda: out) if work is None else (lambda: (work.wait(), out)[1])
 
 
-def _gather_dim0(tensor: torch.Tensor, group, async_op: bool):
+def all_gather_start(tensor: torch.Tensor, group, dim: int = 0):
+    """Launch an all-gather along `dim` asynchronously; returns `finish()`, which waits and
+    returns every rank's `tensor` concatenated along `dim`."""
     n = group_size(group)
-    out = torch.empty((n * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    work = dist.all_gather_into_tensor(out, tensor.contiguous(), group=group, async_op=async_op)
-    return out, work
+    if n == 1:
+        return lambda: tensor
+    dim = dim % tensor.dim()
+    # all_gather_into_tensor concatenates on dim 0; gather there and move the dimension back,
+    # which is free when every dimension before `dim` has size 1.
+    leading_ones = all(s == 1 for s in tensor.shape[:dim])
+    moved = tensor.reshape(tensor.shape[dim:]) if leading_ones else tensor.movedim(dim, 0)
+    moved = moved.contiguous()
+    out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _record("all_gather", out)
+    work = dist.all_gather_into_tensor(out, moved, group=group, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        if leading_ones:
+            return out.view(*tensor.shape[:dim], *out.shape)
+        return out.movedim(0, dim).contiguous()
+    return finish
 
 
 def all_gather(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`."""
-    n = group_size(group)
-    if n == 1:
-        return tensor
-    dim = dim % tensor.dim()
-    if all(s == 1 for s in tensor.shape[:dim]):  # gathering on dim 0 of the same memory
-        out, _ = _gather_dim0(tensor.reshape(tensor.shape[dim:]), group, False)
-        out = out.view(*tensor.shape[:dim], *out.shape)
-    else:
-        out, _ = _gather_dim0(tensor.movedim(dim, 0), group, False)
-        out = out.movedim(0, dim).contiguous()
-    _record("all_gather", out)
-    return out
+    return all_gather_start(tensor, group, dim)()
 
 
 def reduce_scatter_start(tensor: torch.Tensor, group, dim: int = 0):

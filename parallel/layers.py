@@ -22,20 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel import comm
-from parallel.mappings import (
-    gather_from_tp,
-    reduce_from_tp,
-    reduce_scatter_to_sp,
-    scatter_to_tp,
-)
+from parallel.mappings import SEQ_DIM, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp
 from parallel.params import make_param
 
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """Which tp group the layers shard over, and whether activations are sequence-sharded."""
+    """Which tp group the layers shard over, whether activations are sequence-sharded (sp), and
+    whether a column layer's backward overlaps its input-gradient collective with the
+    weight-gradient GEMM (overlap; off only to measure what it buys)."""
     group: object = None
     sp: bool = False
+    overlap: bool = True
 
     @property
     def size(self) -> int:
@@ -119,32 +117,46 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class _ColumnParallelMatmuls(torch.autograd.Function):
-    """y_i = x_total W_iᵀ for several weights sharing one input, x_total being x gathered over
-    the sequence (sp) or x itself. Backward: grad_x = Σ g_i W_i, whose collective (reduce-scatter
-    under sp, else all-reduce) runs asynchronously while the weight gradients g_iᵀ x_total compute
-    (the paper's overlap of computation with communication, section 2.4)."""
+    """y_i = x_total W_iᵀ for several weights sharing one input; x_total is x gathered over the
+    sequence under sp (gather_from_sp), else x itself (copy_to_tp).
+
+    Backward, with overlap (paper section 2.4, item 4; Megatron-LM's async grad all-reduce):
+    under sp the input is re-gathered (it was not kept: Korthikanti et al.) while the
+    input-gradient GEMM computes; then the input-gradient reduce-scatter (all-reduce without
+    sp) is in flight while the weight-gradient GEMMs compute.
+    """
 
     @staticmethod
-    def forward(ctx, x, group, sp, *weights):
-        ctx.group, ctx.sp = group, sp
-        x_total = comm.all_gather(x, group, dim=1) if sp else x
-        # Under sp keep only the local shard and gather again in backward (Korthikanti et al.).
-        ctx.save_for_backward(x if sp else x_total, *weights)
+    def forward(ctx, x, tp, *weights):
+        ctx.tp = tp
+        x_total = comm.all_gather(x, tp.group, dim=SEQ_DIM) if tp.sp else x
+        ctx.save_for_backward(x, *weights)
         return tuple(F.linear(x_total, w) for w in weights)
 
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        group, sp = ctx.group, ctx.sp
-        x_total = comm.all_gather(x, group, dim=1) if sp else x
+        tp = ctx.tp
+        gathered = comm.all_gather_start(x, tp.group, dim=SEQ_DIM) if tp.sp else (lambda: x)
+        if not tp.overlap:
+            gathered = _completed(gathered)
         grad_total = sum(g.matmul(w) for g, w in zip(grads, weights))
-        if sp:
-            finish = comm.reduce_scatter_start(grad_total, group, dim=1)
+        x_total = gathered()
+        if tp.sp:
+            grad_x = comm.reduce_scatter_start(grad_total, tp.group, dim=SEQ_DIM)
         else:
-            finish = comm.all_reduce_start(grad_total, group)
+            grad_x = comm.all_reduce_start(grad_total, tp.group)
+        if not tp.overlap:
+            grad_x = _completed(grad_x)
         flat_x = x_total.reshape(-1, x_total.shape[-1])
         grad_ws = [g.reshape(-1, g.shape[-1]).t().matmul(flat_x) for g in grads]
-        return (finish(), None, None, *grad_ws)
+        return (grad_x(), None, *grad_ws)
+
+
+def _completed(finish):
+    """Wait for a started collective now (overlap off); returns a `finish` that just hands it over."""
+    result = finish()
+    return lambda: result
 
 
 def column_parallel(x, *layers: ColumnParallelLinear):
@@ -153,6 +165,6 @@ def column_parallel(x, *layers: ColumnParallelLinear):
     if tp.size == 1:
         outs = tuple(F.linear(x, layer.weight) for layer in layers)
     else:
-        outs = _ColumnParallelMatmuls.apply(x, tp.group, tp.sp, *(layer.weight for layer in layers))
+        outs = _ColumnParallelMatmuls.apply(x, tp, *(layer.weight for layer in layers))
     return tuple(gather_from_tp(y, tp.group) if layer.gather_output else y for y, layer in zip(outs, layers))
 

@@ -39,6 +39,14 @@ def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return piece
 
 
+def full_tensor(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor:
+    """The logical tensor from every tp rank's `local` shard of `param` (padding dropped)."""
+    if param.tp_dim is None:
+        return local
+    from parallel import comm
+    return comm.all_gather(local, group, dim=param.tp_dim).narrow(param.tp_dim, 0, param.logical_shape[param.tp_dim])
+
+
 def logical_init(name: str, param: torch.Tensor, seed: int) -> torch.Tensor:
     """The full logical tensor for `name`: a function of (seed, name) only, never of the layout."""
     if param.init_std is None:

@@ -67,15 +67,17 @@ class RankPool:
             except queue.Empty:
                 dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
                 missing = sorted(set(range(self.world)) - set(out))
-                raise TimeoutError(f"{fn.__name__} on {self.world} ranks did not finish in {timeout:.0f} s "
-                                   f"(ranks without a result: {missing}; dead: {dead})\n" + "\n".join(failures))
+                message = (f"{fn.__name__} on {self.world} ranks did not finish in {timeout:.0f} s "
+                           f"(ranks without a result: {missing}; dead: {dead})\n")
+                raise TimeoutError(message + "\n".join(failures)) from None
             if ok:
                 out[rank] = value
             else:
                 failures.append(f"--- rank {rank} ---\n{value}")
                 deadline = 5.0  # peers may now be stuck in a collective: give them a moment, no more
         if failures:
-            raise AssertionError(f"{fn.__name__} failed on {len(failures)} of {self.world} ranks:\n" + "\n".join(failures))
+            header = f"{fn.__name__} failed on {len(failures)} of {self.world} ranks:\n"
+            raise AssertionError(header + "\n".join(failures))
         return [out[r] for r in range(self.world)]
 
     def close(self) -> None:
@@ -111,7 +113,7 @@ def _close_all() -> None:
     _POOLS.clear()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def topology(tp: int = 1, pp: int = 1, dp: int | None = None):
     """Inside a rank: the process groups of a layout, built once per worker and reused."""
     from parallel.topology import build_topology

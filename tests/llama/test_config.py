@@ -1,0 +1,105 @@
+"""The presets reproduce the LLaMA paper (Table 2, section 2.3) and bad values fail with one clear line."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from llama.config import ConfigError, LlamaConfig, ffn_hidden_size, load_config
+from llama.model import Transformer
+
+pytestmark = pytest.mark.timeout(60)
+
+# Parameter counts of Meta's released checkpoints (sum of numel over the consolidated weights) and
+# the FFN widths of their params.json / weight shapes.
+PRESETS = {
+    "llama-7b": dict(params=6_738_415_616, ffn_dim=11008, lr=3.0e-4),
+    "llama-13b": dict(params=13_015_864_320, ffn_dim=13824, lr=3.0e-4),
+    "llama-33b": dict(params=32_528_943_616, ffn_dim=17920, lr=1.5e-4),
+    "llama-65b": dict(params=65_285_660_672, ffn_dim=22016, lr=1.5e-4),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_count_on_meta_device(name):
+    cfg = load_config(name).model
+    assert cfg.ffn_dim == PRESETS[name]["ffn_dim"]
+    model = Transformer(cfg, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == PRESETS[name]["params"]
+
+
+def test_meta_device_context_manager():
+    cfg = load_config("llama-7b").model
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == PRESETS["llama-7b"]["params"]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_training_hyperparameters(name):
+    train = load_config(name).train
+    assert train.lr == PRESETS[name]["lr"]
+    assert train.beta1 == 0.9
+    assert train.beta2 == 0.95
+    assert train.weight_decay == 0.1
+    assert train.grad_clip == 1.0
+    assert train.warmup_steps == 2000
+    assert train.min_lr_ratio == 0.1
+    assert train.global_batch * train.seq_len == 4_194_304  # 4M tokens per step
+
+
+def _raises_one_line(match: str, fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError, match=match) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, f"multi-line message: {message!r}"
+    return message
+
+
+def test_dim_not_divisible_by_heads():
+    _raises_one_line(r"dim=100.*n_heads=3", LlamaConfig, dim=100, n_heads=3)
+
+
+def test_odd_head_dim():
+    _raises_one_line(r"head_dim=3\b", LlamaConfig, dim=12, n_heads=4)
+
+
+@pytest.mark.parametrize("field,value", [("n_layers", 0), ("vocab_size", -1), ("dim", 0), ("n_heads", -4),
+                                         ("norm_eps", 0.0), ("max_seq_len", 0)])
+def test_non_positive_sizes(field, value):
+    _raises_one_line(rf"{field}={re.escape(repr(value))}", LlamaConfig, **{field: value})
+
+
+def test_unknown_preset():
+    _raises_one_line(r"llama-3b", load_config, "llama-3b")
+
+
+def test_unknown_key_in_overrides():
+    _raises_one_line(r"bogus", load_config, "tiny", {"model": {"bogus": 1}})
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def _expected_ffn(dim: int, multiple_of: int) -> int:
+    # Meta: hidden = int(2 * (4 * dim) / 3), then rounded up to a multiple of multiple_of.
+    hidden = (8 * dim) // 3  # integer arithmetic, no float
+    return -(-hidden // multiple_of) * multiple_of
+
+
+@pytest.mark.parametrize("dim,multiple_of", [(4096, 256), (5120, 256), (6656, 256), (8192, 256), (64, 16),
+                                             (128, 32), (96, 32), (48, 128), (100, 7), (1, 1)])
+def test_ffn_hidden_size_rounds_up(dim, multiple_of):
+    got = ffn_hidden_size(dim, multiple_of)
+    assert got == _expected_ffn(dim, multiple_of)
+    assert got % multiple_of == 0 and 0 <= got - (8 * dim) // 3 < multiple_of
+
+
+def test_ffn_hidden_size_exact_multiple_is_not_bumped():
+    assert ffn_hidden_size(96, 32) == 256  # 8*96/3 = 256 exactly
+    assert ffn_hidden_size(64, 16) == 176  # 170.67 -> 170 -> 176
+    assert LlamaConfig(dim=64, n_heads=4, multiple_of=16).ffn_dim == 176
