@@ -18,11 +18,12 @@ class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the value and the rule."""
 
 
-def _positive(obj, *names: str) -> None:
+def _positive(obj, *names: str, integer: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a positive number")
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive {'integer' if integer else 'number'}")
 
 
 def ffn_hidden_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -46,8 +47,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        _positive(self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps",
-                  "max_seq_len", "rope_theta")
+        _positive(self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", integer=True)
+        _positive(self, "norm_eps", "rope_theta")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -91,8 +92,8 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "lr", "min_lr_ratio", "steps", "beta1", "beta2", "grad_clip", "seq_len",
-                  "global_batch", "micro_batch", "log_every")
+        _positive(self, "steps", "seq_len", "global_batch", "micro_batch", "log_every", integer=True)
+        _positive(self, "lr", "min_lr_ratio", "beta1", "beta2", "grad_clip")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} and weight_decay={self.weight_decay} "
                               "must be >= 0")
@@ -141,10 +142,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 def load_config(name_or_path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a preset or YAML file; `overrides` is {"model": {...}, "train": {...}}."""
     raw = yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {}
+    for section, values in (overrides or {}).items():
+        raw[section] = {**(raw.get(section) or {}), **values}
     unknown = sorted(set(raw) - {"model", "train"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; a config has 'model' and 'train'")
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
     return RunConfig(model=_build(LlamaConfig, raw.get("model") or {}, "model"),
                      train=_build(TrainConfig, raw.get("train") or {}, "train"))

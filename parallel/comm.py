@@ -28,6 +28,10 @@ def _record(op: str, tensor: torch.Tensor) -> None:
     CALLS[op] += 1
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older releases lack the new.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
 
 
@@ -74,7 +78,7 @@ def all_gather_start(tensor: torch.Tensor, group, dim: int = 0):
     moved = moved.contiguous()
     out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     _record("all_gather", out)
-    work = dist.all_gather_into_tensor(out, moved, group=group, async_op=True)
+    work = _all_gather_single(out, moved, group=group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()
@@ -101,7 +105,7 @@ def reduce_scatter_start(tensor: torch.Tensor, group, dim: int = 0):
     _record("reduce_scatter", tensor)
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    work = dist.reduce_scatter_tensor(out, moved, group=group, async_op=True)
+    work = _reduce_scatter_single(out, moved, group=group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()

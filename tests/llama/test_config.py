@@ -103,3 +103,14 @@ def test_ffn_hidden_size_exact_multiple_is_not_bumped():
     assert ffn_hidden_size(96, 32) == 256  # 8*96/3 = 256 exactly
     assert ffn_hidden_size(64, 16) == 176  # 170.67 -> 170 -> 176
     assert LlamaConfig(dim=64, n_heads=4, multiple_of=16).ffn_dim == 176
+
+
+def test_a_misspelt_override_section_fails():
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trian'\]"):
+        load_config("tiny", {"trian": {"lr": 1.0}})
+
+
+@pytest.mark.parametrize("value", [True, 64.0, "64"])
+def test_sizes_must_be_integers(value):
+    with pytest.raises(ConfigError, match="must be a positive integer"):
+        LlamaConfig(dim=value, n_heads=4)

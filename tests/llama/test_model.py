@@ -7,11 +7,10 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.config import LlamaConfig
 from llama.model import Transformer
+from parallel.memory import SavedActivationMemory
 from parallel.params import init_parameters
 from tests.llama.reference import reference_logits
 
@@ -158,29 +157,6 @@ def test_transformers_comparison_detects_wrong_rope_convention(hf_case):
 
 # ---------------------------------------------------------------------------------------------
 # Activation recomputation
-
-
-class SavedActivationMemory(TorchDispatchMode):
-    """Records a weak reference to the storage of every tensor an op produces while active;
-    `live_bytes()` later sums the bytes of those storages still alive (kept for backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                # Weak refs keep the StorageImpl's address reserved, so a cdata never names two storages.
-                self.storages[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-        return out
-
-    def live_bytes(self, exclude=()) -> int:
-        excluded = {t.untyped_storage()._cdata for t in exclude}
-        return sum(nbytes for cdata, (ref, nbytes) in self.storages.items()
-                   if cdata not in excluded and not ref.expired())
 
 
 def saved_bytes_and_grads(cfg: LlamaConfig, recompute: str, batch: int, seq: int):
