@@ -1,0 +1,29 @@
+"""How LLaMA is laid out on a topology: the tensor-parallel context and, per pipeline rank,
+the model chunks it holds. The model itself (model.py) stays unaware of pipelines."""
+from __future__ import annotations
+
+from llama.config import LlamaConfig
+from llama.model import Transformer
+from parallel.layers import TensorParallel
+from parallel.params import init_parameters
+from parallel.pipeline.partition import chunks_of_rank
+
+
+def build_chunks(cfg: LlamaConfig, topo, sp: bool = False, vpp: int = 1, stage_layers=None, seed: int | None = None,
+                 overlap: bool = True, **model_kwargs) -> list[Transformer]:
+    """This rank's model chunks (one without interleaving), each initialised from `seed`
+    exactly as the same layers of the whole model would be."""
+    tp = TensorParallel(topo.tp_group, sp=sp, overlap=overlap)
+    chunks = []
+    for chunk in chunks_of_rank(cfg.n_layers, topo.pp, topo.pp_rank, vpp, stage_layers):
+        model = Transformer(cfg, tp=tp, layer_ids=chunk.layer_ids, first_stage=chunk.first,
+                            last_stage=chunk.last, **model_kwargs)
+        if seed is not None:
+            init_parameters(model, seed)
+        chunks.append(model)
+    return chunks
+
+
+def activation_shape(cfg: LlamaConfig, micro_batch: int, seq_len: int, tp: int, sp: bool) -> tuple[int, int, int]:
+    """What crosses between pipeline stages: the hidden state, sequence-sharded under sp."""
+    return micro_batch, seq_len // tp if sp else seq_len, cfg.dim

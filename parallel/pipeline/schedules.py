@@ -1,0 +1,139 @@
+"""Pipeline schedules: GPipe, 1F1B, interleaved 1F1B (Narayanan et al. 2021) and forward-only.
+
+A schedule is only an order: the list of (F or B, micro-batch, model chunk) one pipeline rank
+runs. `run_schedule` executes any such order the same way: receive the input (blocking), compute,
+post the send (never blocking). Losses are averaged over micro-batches: each micro-batch's mean
+loss is scaled by 1/m before its backward, so gradients equal one pass over the whole batch.
+
+    gpipe        all m forwards, then all m backwards: m micro-batches of activations kept
+    1f1b         pp − rank − 1 warm-up forwards, then one forward / one backward: at most pp kept
+    interleaved  1F1B over vpp model chunks per rank: the bubble shrinks by vpp; m % pp == 0
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from parallel.pipeline.p2p import PipelineP2P
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+class ScheduleError(ValueError):
+    """A schedule cannot run with these numbers; raised before any transfer."""
+
+
+def check_schedule(schedule: str, m: int, pp: int, vpp: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ScheduleError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    if m < 1:
+        raise ScheduleError(f"the number of micro-batches m={m} must be at least 1")
+    if vpp > 1 and schedule != "interleaved":
+        raise ScheduleError(f"vpp={vpp} model chunks per rank need schedule='interleaved', not {schedule!r}")
+    if schedule == "interleaved" and m % pp:
+        raise ScheduleError(f"the interleaved schedule needs the number of micro-batches (m={m}) to be a "
+                            f"multiple of pp={pp}")
+
+
+def _virtual(k: int, pp: int, vpp: int, backward: bool) -> tuple[int, int]:
+    """(micro-batch, chunk) of the k-th forward (or backward) of a rank in interleaved order:
+    pp micro-batches through chunk 0, the same pp through chunk 1, …, then the next pp."""
+    group, within = divmod(k, pp * vpp)
+    chunk = within // pp
+    return group * pp + within % pp, (vpp - 1 - chunk if backward else chunk)
+
+
+def schedule_order(schedule: str, m: int, pp: int, pp_rank: int, vpp: int = 1) -> list[tuple[str, int, int]]:
+    """The (kind, micro-batch, chunk) actions rank `pp_rank` runs, in order."""
+    check_schedule(schedule, m, pp, vpp)
+    if schedule == "gpipe":
+        return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
+    total = m * vpp
+    if schedule == "1f1b":
+        warmup = min(pp - pp_rank - 1, m)
+    elif m == pp:  # interleaved with no steady state: all forwards first
+        warmup = total
+    else:
+        warmup = min(total, (pp - pp_rank - 1) * 2 + (vpp - 1) * pp)
+    fwd = [("F", *_virtual(k, pp, vpp, False)) for k in range(total)]
+    bwd = [("B", *_virtual(k, pp, vpp, True)) for k in range(total)]
+    order = fwd[:warmup]
+    for k in range(total - warmup):
+        order += [fwd[warmup + k], bwd[k]]
+    return order + bwd[total - warmup:]
+
+
+def forward_only_order(m: int, pp: int, vpp: int = 1) -> list[tuple[str, int, int]]:
+    if vpp == 1:
+        return [("F", i, 0) for i in range(m)]
+    check_schedule("interleaved", m, pp, vpp)
+    return [("F", *_virtual(k, pp, vpp, False)) for k in range(m * vpp)]
+
+
+@dataclass
+class StageStats:
+    """What one pipeline rank did during a step."""
+    busy_s: float = 0.0            # computing (forward and backward)
+    idle_s: float = 0.0            # blocked on receives
+    wall_s: float = 0.0
+    peak_in_flight: int = 0        # most micro-batches whose activations were kept at once
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def bubble(self) -> float:
+        return self.idle_s / self.wall_s if self.wall_s else 0.0
+
+
+def _tag(m: int, virtual_stage: int, mb: int, grad: bool) -> int:
+    """A transfer's tag: which micro-batch, into which virtual stage, which direction."""
+    return 1 + 2 * (virtual_stage * m + mb) + int(grad)
+
+
+def run_schedule(order, chunks, micro_batches, p2p: PipelineP2P, pp: int, pp_rank: int,
+                 activation_shape, dtype, schedule_id: int = 0, forward_only: bool = False):
+    """Run `order` on this rank's model `chunks` (its vpp Transformer stages).
+
+    micro_batches: a list of (tokens, targets); the first virtual stage reads tokens, the last
+    targets. Returns StageStats; `losses` holds each micro-batch's loss on the last stage.
+    """
+    m, vpp = len(micro_batches), len(chunks)
+    stats = StageStats()
+    start_wall = time.perf_counter()
+    p2p.handshake(activation_shape, dtype, m, vpp, schedule_id, device=micro_batches[0][0].device)
+    p2p.wait_s = 0.0
+    inputs, outputs = {}, {}
+    losses: dict[int, float] = {}
+    for kind, mb, c in order:
+        j = c * pp + pp_rank  # this chunk's virtual stage
+        chunk = chunks[c]
+        if kind == "F":
+            tokens, targets = micro_batches[mb]
+            x = tokens if chunk.first_stage else p2p.recv(-1, _tag(m, j, mb, False)).requires_grad_(not forward_only)
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(not forward_only):
+                out = chunk(x, targets) if chunk.last_stage else chunk(x)
+            stats.busy_s += time.perf_counter() - t0
+            if chunk.last_stage:
+                losses[mb] = out.item()
+                out = out / m
+            else:
+                p2p.send(out, +1, _tag(m, j + 1, mb, False))
+            if not forward_only:
+                inputs[mb, c], outputs[mb, c] = x, out
+                stats.peak_in_flight = max(stats.peak_in_flight, len(outputs))
+        else:
+            x, out = inputs.pop((mb, c)), outputs.pop((mb, c))
+            grad = None if chunk.last_stage else p2p.recv(+1, _tag(m, j, mb, True))
+            t0 = time.perf_counter()
+            torch.autograd.backward(out, grad)
+            stats.busy_s += time.perf_counter() - t0
+            if not chunk.first_stage:
+                p2p.send(x.grad, -1, _tag(m, j - 1, mb, True))
+    t0 = time.perf_counter()
+    p2p.flush()
+    stats.idle_s = p2p.wait_s + time.perf_counter() - t0
+    stats.wall_s = time.perf_counter() - start_wall
+    stats.losses = [losses[i] for i in sorted(losses)]
+    return stats
