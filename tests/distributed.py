@@ -118,3 +118,46 @@ def topology(tp: int = 1, pp: int = 1, dp: int | None = None):
     """Inside a rank: the process groups of a layout, built once per worker and reused."""
     from parallel.topology import build_topology
     return build_topology(tp, pp, dp)
+
+
+def _one_shot(rank: int, world: int, store_path: str, timeout_s: float, fn, args, results) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(*args)
+        code, message = 0, "ok"
+    except BaseException as err:
+        code, message = 1, f"{type(err).__name__}: {err}"
+    results.put((rank, message))
+    results.close()
+    results.join_thread()  # the message is out before the process is
+    os._exit(code)  # no clean shutdown, as a crashed rank: its peers see the connection close
+
+
+def run_processes(fn, world: int, *args, collective_timeout: float = 20.0, timeout: float = 60.0) -> dict:
+    """Run fn(*args) once on `world` fresh ranks that exit when fn raises, as real launches do.
+    Returns {rank: "ok" | "ErrorType: message" | "exit code N"} (a rank that died silently)."""
+    ctx = mp.get_context("fork")
+    store = os.path.join(tempfile.mkdtemp(prefix="gloo-store-"), "store")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_one_shot, args=(r, world, store, collective_timeout, fn, args, results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    if hung:
+        raise TimeoutError(f"ranks {hung} were still running after {timeout:.0f} s: a hang")
+    out = {}
+    while not results.empty():
+        rank, message = results.get()
+        out[rank] = message
+    return {r: out.get(r, f"exit code {procs[r].exitcode}") for r in range(world)}

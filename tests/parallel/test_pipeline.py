@@ -14,7 +14,7 @@ from parallel.params import full_tensor, init_parameters
 from parallel.pipeline.p2p import PipelineP2P
 from parallel.pipeline.partition import PartitionError, chunk_sizes, chunks_of_rank
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError, run_schedule, schedule_order
-from tests.distributed import run_on_ranks, topology
+from tests.distributed import run_on_ranks, run_processes, topology
 
 CFG = LlamaConfig(dim=32, n_layers=8, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
 MB, SEQ, RTOL = 2, 8, 1e-5
@@ -107,3 +107,36 @@ def test_partition_and_clear_errors():
         schedule_order("interleaved", 6, 4, 0, 2)
     with pytest.raises(ScheduleError, match="need schedule='interleaved'"):
         schedule_order("1f1b", 4, 2, 0, 2)
+
+
+def _mismatched_stage(seq_on_rank_1):
+    topo = topology(pp=2)
+    chunks = build_chunks(CFG, topo, seed=5, attention="sdpa")
+    seq = seq_on_rank_1 if topo.pp_rank == 1 else SEQ
+    run_schedule(schedule_order("1f1b", 2, 2, topo.pp_rank), chunks, _batches(0, 2), PipelineP2P(topo), 2,
+                 topo.pp_rank, activation_shape(CFG, MB, seq, 1, False), torch.float32)
+
+
+def _stage_dies(dying_rank):
+    import os
+    topo = topology(pp=4)
+    chunks = build_chunks(CFG, topo, seed=5, attention="sdpa")
+    if topo.pp_rank == dying_rank:
+        chunks[0].register_forward_hook(lambda *_: os._exit(3))  # dies in its first forward
+    run_schedule(schedule_order("1f1b", 4, 4, topo.pp_rank), chunks, _batches(0, 4), PipelineP2P(topo), 4,
+                 topo.pp_rank, activation_shape(CFG, MB, SEQ, 1, False), torch.float32)
+
+
+def test_a_shape_mismatch_is_an_error_on_every_rank():
+    out = run_processes(_mismatched_stage, 2, 2 * SEQ)
+    for rank in (0, 1):
+        assert out[rank].startswith("PipelineMismatchError: pipeline stages disagree: stage 0 has activations "
+                                    "[2, 8, 32] torch.float32"), out
+        assert "stage 1 has activations [2, 16, 32]" in out[rank]
+
+
+def test_a_stage_that_dies_is_an_error_on_every_rank():
+    out = run_processes(_stage_dies, 4, 2, collective_timeout=15, timeout=40)
+    assert out[2] == "exit code 3"
+    for rank in (0, 1, 3):
+        assert out[rank] != "ok" and out[rank].split(":")[0] in ("RuntimeError", "DistBackendError"), out
