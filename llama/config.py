@@ -90,6 +90,19 @@ class TrainConfig:
     attention: str = "auto"
     recompute: str = "selective"
     log_every: int = 1
+    # layout: world = tp × pp × dp (dp 0: inferred from the world size)
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0
+    sp: bool = False
+    schedule: str = "1f1b"
+    vpp: int = 1
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    bucket_mb: float = 25.0
+    vocab_pad_multiple: int = 1
+    peak_tflops: float = 0.0         # per device, for MFU; 0: known GPUs only
+    inject_nonfinite_step: int = -1  # a fault drill: this step's loss becomes NaN (tests)
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "seq_len", "global_batch", "micro_batch", "log_every", integer=True)
@@ -103,9 +116,11 @@ class TrainConfig:
             raise ConfigError(f"dtype={self.dtype!r} must be one of fp32, bf16")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"recompute={self.recompute!r} must be one of none, selective, full")
-        if self.global_batch % self.micro_batch:
-            raise ConfigError(f"global_batch={self.global_batch} is not divisible by "
-                              f"micro_batch={self.micro_batch}")
+        _positive(self, "tp", "pp", "vpp", "vocab_pad_multiple", integer=True)
+        if self.dp < 0:
+            raise ConfigError(f"dp={self.dp} must be >= 0 (0: inferred from the world size)")
+        if self.schedule not in ("gpipe", "1f1b", "interleaved"):
+            raise ConfigError(f"schedule={self.schedule!r} must be one of gpipe, 1f1b, interleaved")
 
 
 @dataclass

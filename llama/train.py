@@ -1,26 +1,155 @@
-"""`python -m llama.train` / `llama-train`: train a LLaMA from a preset or YAML config.
+"""`python -m llama.train` / `llama-train`: train LLaMA on any (tp, pp, dp) layout.
 
-    python -m llama.train --config configs/tiny.yaml
-    python -m llama.train --config llama-7b --set train.steps=10 --set model.n_layers=2
+    python -m llama.train --config configs/tiny.yaml                       # one process
+    python -m llama.train --config configs/tiny.yaml --nproc 4 --tp 2 --pp 2 # four local processes
+    torchrun --nproc-per-node 8 -m llama.train --config llama-7b --tp 8     # under a launcher
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from llama.config import ConfigError, RunConfig, load_config
 from llama.demo_corpus import prose_text
-from llama.model import Transformer
+from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
+from llama.parallelize import activation_shape, build_chunks
+from parallel import comm
+from parallel.data_parallel import GradBuckets
 from parallel.lr_schedule import lr_at
-from parallel.params import init_parameters
+from parallel.optimizer import Optimizer
+from parallel.pipeline.p2p import PipelineP2P
+from parallel.pipeline.schedules import SCHEDULES, run_schedule, schedule_order
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ByteDemoData:
+    """Global batches of windows of seq_len + 1 bytes of the standard library's docstrings.
+
+    Sample i of the run is a window whose start depends only on (seed, i), so every layout and
+    every dp size sees the same global batches; dp rank d reads its contiguous slice."""
+
+    def __init__(self, seq_len: int, seed: int, text: str | None = None):
+        data = (text or prose_text(max_bytes=600_000)).encode("utf-8")
+        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        if len(self.data) <= seq_len + 1:
+            raise ValueError(f"the corpus has {len(self.data)} tokens, fewer than seq_len+1={seq_len + 1}")
+        self.seq_len, self.seed = seq_len, seed
+
+    def global_batch(self, step: int, size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (size,), generator=gen)
+        return torch.stack([self.data[s:s + self.seq_len + 1] for s in starts.tolist()])
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    chunks: list = field(default_factory=list)
+    optimizer: Optimizer | None = None
+
+
+def check_batch(global_batch: int, micro_batch: int, dp: int) -> int:
+    """Micro-batches per step on each rank: global = micro-batch × accumulation × dp."""
+    if global_batch % (micro_batch * dp):
+        raise ConfigError(f"global_batch={global_batch} is not divisible by micro_batch*dp={micro_batch}*{dp}: "
+                          "the global batch is micro-batch x accumulation steps x dp")
+    return global_batch // (micro_batch * dp)
+
+
+def decays(p) -> bool:
+    """Weight decay on matrices only (linear and embedding weights), none on RMSNorm gains: the
+    choice of Megatron-LM and GPT-NeoX, since decay pulls a gain towards 0, not towards 1."""
+    return p.dim() >= 2
+
+
+def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, data=None) -> TrainResult:
+    """Train on the layout of `topo` (already initialised); every rank calls this."""
+    m, t = run.model, run.train
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    accumulation = check_batch(t.global_batch, t.micro_batch, topo.dp)
+    order = schedule_order(t.schedule, accumulation, topo.pp, topo.pp_rank, t.vpp)  # checks m, vpp
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(t.seed)
+    chunks = build_chunks(m, topo, sp=t.sp, vpp=t.vpp, seed=t.seed, attention=t.attention,
+                          recompute=t.recompute, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
+                          dtype=DTYPES[t.dtype])
+    params = [p for c in chunks for p in c.parameters()]
+    buckets = GradBuckets(params, topo.dp_group, t.bucket_mb, reduce_scatter=t.distributed_optimizer,
+                          overlap=t.overlap_grad_reduce, decays=decays)
+    optimizer = Optimizer(buckets, topo, t.lr, (t.beta1, t.beta2), weight_decay=t.weight_decay,
+                          grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
+    p2p = PipelineP2P(topo, ring=t.vpp > 1)
+    shape = activation_shape(m, t.micro_batch, t.seq_len, topo.tp, t.sp)
+    data = data or ByteDemoData(t.seq_len, t.seed)
+    if m.vocab_size < 256 and isinstance(data, ByteDemoData):
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for the byte-level demo corpus")
+    peak = t.peak_tflops or device_peak_tflops()
+    is_logger = topo.rank == 0
+    writer = MetricsWriter(metrics_path if is_logger else None)
+    result = TrainResult(chunks=chunks, optimizer=optimizer)
+    tokens_per_step = t.global_batch * t.seq_len
+    bar = tqdm(range(t.steps), desc="train", disable=not (show_progress and is_logger), dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in bar:
+        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        batch = data.global_batch(step, t.global_batch).to(device)
+        mine = batch.chunk(topo.dp)[topo.dp_rank]
+        micro = [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(t.micro_batch)]
+        if step == t.inject_nonfinite_step and chunks[-1].last_stage:
+            _poison_next_loss(chunks[-1])
+        buckets.start_step(accumulation)
+        stats = run_schedule(order, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype])
+        grad_norm, skipped = optimizer.step(lr)
+        loss = _mean_loss(stats.losses, topo, device)
+        result.losses.append(loss)
+        result.grad_norms.append(grad_norm)
+        if skipped:
+            result.skipped.append(step)
+            if is_logger:
+                tqdm.write(f"step {step}: gradient norm is {grad_norm}; the update was skipped")
+        elapsed = time.perf_counter() - start
+        tokens_per_s = (step + 1) * tokens_per_step / elapsed
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                  "tokens_per_s_per_process": tokens_per_s / topo.world,
+                  "mfu": mfu(m, t.seq_len, tokens_per_s, topo.world, peak),
+                  "peak_memory_bytes": peak_memory_bytes(), "skipped": skipped}
+        writer.write(record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:,.0f}")
+        if is_logger and not show_progress and (step % t.log_every == 0 or step == t.steps - 1):
+            print(f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} tokens/s {tokens_per_s:,.0f}",
+                  flush=True)
+    writer.close()
+    return result
+
+
+def _poison_next_loss(chunk) -> None:
+    """The fault drill: the next loss `chunk` computes becomes NaN (so do all gradients)."""
+    def hook(module, args, out):
+        handle.remove()
+        return out * float("nan")
+    handle = chunk.register_forward_hook(hook)
+
+
+def _mean_loss(losses: list[float], topo, device) -> float:
+    """The step's loss: mean over micro-batches and dp ranks, known to every rank."""
+    mine = sum(losses) / len(losses) / topo.dp if losses and topo.tp_rank == 0 else 0.0
+    if topo.world == 1:
+        return mine
+    total = torch.tensor([mine], dtype=torch.float64, device=device)
+    dist.all_reduce(total, group=topo.world_group)
+    comm._record("loss_all_reduce", total)
+    return total.item()
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -35,85 +164,74 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def byte_batches(text: str, seq_len: int, batch: int, seed: int):
-    """Random windows of seq_len + 1 bytes of `text`: (inputs, targets) pairs, forever."""
-    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-    if len(data) <= seq_len + 1:
-        raise ValueError(f"the corpus has {len(data)} tokens, fewer than seq_len+1={seq_len + 1}")
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
-        windows = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()])
-        yield windows[:, :-1], windows[:, 1:]
+FLAGS = {  # command-line flag -> train config key
+    "tp": "tp", "pp": "pp", "dp": "dp", "sp": "sp", "schedule": "schedule", "vpp": "vpp",
+    "micro_batch_size": "micro_batch", "global_batch_size": "global_batch", "seq_len": "seq_len",
+    "steps": "steps", "lr": "lr", "seed": "seed", "dtype": "dtype", "distributed_optimizer": "distributed_optimizer",
+    "recompute": "recompute", "attention": "attention", "peak_tflops": "peak_tflops",
+}
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float):
-    """Weight decay on matrices (linear and embedding weights), none on norm weights: the usual
-    choice of Megatron-LM and GPT-NeoX, since decaying a gain pulls it towards zero, not towards 1."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def train(run: RunConfig, show_progress: bool = True) -> list[float]:
-    """Train on one process; returns the loss of every step."""
-    m, t = run.model, run.train
-    if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if m.vocab_size < 256:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for the byte-level demo corpus")
-    torch.manual_seed(t.seed)
-    model = Transformer(m, attention=t.attention, recompute=t.recompute, dtype=DTYPES[t.dtype])
-    init_parameters(model, t.seed)
-    optimizer = torch.optim.AdamW(decay_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  fused=True)
-    batches = byte_batches(prose_text(max_bytes=600_000), t.seq_len, t.micro_batch, t.seed)
-    accumulation = t.global_batch // t.micro_batch
-    losses: list[float] = []
-    bar = tqdm(range(t.steps), desc="train", disable=not show_progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in bar:
-        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total = 0.0
-        for _ in range(accumulation):
-            inputs, targets = next(batches)
-            loss = model(inputs, targets) / accumulation
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"loss is {total} at step {step}")
-        tokens_per_s = (step + 1) * t.global_batch * t.seq_len / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:,.0f}")
-        if not show_progress and (step % t.log_every == 0 or step == t.steps - 1):
-            print(f"step {step} loss {total:.4f} lr {lr:.2e} tokens/s {tokens_per_s:,.0f}", flush=True)
-    return losses
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="a preset name (configs/*.yaml) or a YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set model.n_layers=2 (repeatable)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, help="pipeline-parallel size")
+    p.add_argument("--dp", type=int, help="data-parallel size (default: world / (tp*pp))")
+    p.add_argument("--sp", action="store_true", default=None, help="sequence parallelism (needs tp > 1 to matter)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
+    p.add_argument("--vpp", type=int, help="model chunks per pipeline rank (interleaved schedule)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--global-batch-size", type=int, help="sequences per optimiser step (all dp ranks)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--distributed-optimizer", action="store_true", default=None,
+                   help="shard master weights and Adam state over dp (ZeRO-1)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"])
+    p.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
+    p.add_argument("--peak-tflops", type=float, help="device peak (bf16 TFLOP/s) for MFU")
+    p.add_argument("--metrics", metavar="PATH", help="rank 0 writes one JSON line per step here")
+    p.add_argument("--nproc", type=int, default=1, help="start this many local processes (CPU: gloo)")
+    p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="a preset name (configs/*.yaml) or a YAML path")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value, e.g. --set train.steps=50 (repeatable)")
-    parser.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
-    parser.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.nproc > 1 and not _launched():
+        from launcher.local import run_local
+        return run_local(args.nproc, main, argv)
     try:
-        overrides = parse_overrides(args.set + ([f"train.steps={args.steps}"] if args.steps else []))
+        overrides = parse_overrides(args.set)
+        flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+        overrides.setdefault("train", {}).update(flags)
         run = load_config(args.config, overrides)
-        losses = train(run, show_progress=not args.no_progress)
-    except ConfigError as err:
+        from launcher.init import initialize
+        t = run.train
+        topo = initialize(t.tp, t.pp, t.dp or None)
+        result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics)
+    except (ConfigError, ValueError) as err:
         print(f"llama-train: error: {err}", file=sys.stderr)
         return 2
-    print(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} "
-          f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f})")
+    if topo.rank == 0:
+        losses = result.losses
+        print(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} "
+              f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f})", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
+
+
+def _launched() -> bool:
+    import os
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def all_gather(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     return all_gather_start(tensor, group, dim)()
 
 
+def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group) -> None:
+    """Fill the flat `out` with every rank's flat `shard` (which may be a view of `out`)."""
+    if group_size(group) == 1:
+        return
+    _record("all_gather", out)
+    _all_gather_single(out, shard.clone(), group=group)
+
+
 def reduce_scatter_start(tensor: torch.Tensor, group, dim: int = 0):
     """Launch a reduce-scatter along `dim` asynchronously; returns `finish()`, which waits and
     returns this rank's summed slice. Lets the caller compute while the collective runs."""

@@ -45,6 +45,7 @@ class Topology:
     pp_group: object = None
     dp_group: object = None
     mp_group: object = None          # tp × pp: one model replica (gradient-norm reduction)
+    world_group: object = None       # everyone (None on one process)
     pp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of my pipeline
 
     @property
@@ -95,7 +96,7 @@ def build_topology(tp: int = 1, pp: int = 1, dp: int | None = None) -> Topology:
     dp = check_layout(world, tp, pp, dp)
     if world == 1:
         return Topology()
-    topo = Topology(tp=tp, pp=pp, dp=dp, rank=dist.get_rank())
+    topo = Topology(tp=tp, pp=pp, dp=dp, rank=dist.get_rank(), world_group=dist.group.WORLD)
 
     def ranks(tp_r, dp_r, pp_r):
         return [topo.rank_of(t, d, p) for t in tp_r for d in dp_r for p in pp_r]

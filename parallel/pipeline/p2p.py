@@ -61,6 +61,9 @@ class PipelineP2P:
             return
         mine = torch.tensor(header, dtype=torch.long, device=device)
         links = [(off, self.peer(off)) for off in (1, -1) if self.peer(off) is not None]
+        if not links:  # a single stage
+            self.header = header
+            return
         theirs = {off: torch.empty_like(mine) for off, _ in links}
         ops = []
         for off, peer in links:  # tag by direction so a ring of two ranks keeps them apart

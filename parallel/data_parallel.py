@@ -1,0 +1,112 @@
+"""Data parallelism: gradients in contiguous buckets, each reduced as soon as it is complete.
+
+Every parameter's gradient is accumulated (in fp32 when the parameters are bf16) into
+`param.main_grad`, a view of one flat bucket buffer; the parameters themselves become views of a
+flat buffer of the same layout, so the distributed optimizer can all-gather into them in place.
+When a bucket's parameters have all received their last micro-batch's gradient, its reduction
+starts asynchronously (all-reduce; reduce-scatter under the distributed optimizer) while backward
+goes on; `finish()` waits for them before the optimiser step. Nothing is reduced for the
+micro-batches before the last of an accumulation. `overlap=False` reduces every bucket in
+`finish()` instead (same result, no overlap).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallel import comm
+
+
+class Bucket:
+    """A run of parameters sharing one flat gradient buffer (and one flat parameter buffer)."""
+
+    def __init__(self, params: list[nn.Parameter], grad_dtype, dp: int, decay: bool):
+        self.params, self.decay = params, decay
+        numel = sum(p.numel() for p in params)
+        self.numel = -(-numel // dp) * dp  # padded so that reduce-scatter splits it evenly
+        device, dtype = params[0].device, params[0].dtype
+        self.grad = torch.zeros(self.numel, dtype=grad_dtype, device=device)
+        self.data = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.offsets = []
+        offset = 0
+        for p in params:
+            self.data[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.data[offset:offset + p.numel()].view_as(p)
+            p.main_grad = self.grad[offset:offset + p.numel()].view_as(p)
+            self.offsets.append(offset)
+            offset += p.numel()
+        self.shard_size = self.numel // dp
+        self.pending = 0
+        self.finish = None  # the in-flight reduction's finish()
+
+
+class GradBuckets:
+    def __init__(self, params: list[nn.Parameter], dp_group, bucket_mb: float = 25.0, grad_dtype=torch.float32,
+                 reduce_scatter: bool = False, overlap: bool = True, decays=None):
+        """`decays(param) -> bool` splits buckets so that one bucket has one weight-decay setting."""
+        self.dp_group, self.dp, self.dp_rank = dp_group, comm.group_size(dp_group), comm.group_rank(dp_group)
+        self.reduce_scatter, self.overlap = reduce_scatter, overlap
+        decays = decays or (lambda p: True)
+        self.buckets: list[Bucket] = []
+        limit = bucket_mb * 2**20 / torch.finfo(grad_dtype).bits * 8
+        # Backward visits the last layers first: bucket in reverse order so the first bucket fills first.
+        for decay in (True, False):
+            run, size = [], 0
+            for p in reversed([p for p in params if p.requires_grad and decays(p) == decay]):
+                run.append(p)
+                size += p.numel()
+                if size >= limit:
+                    self.buckets.append(Bucket(run, grad_dtype, self.dp, decay))
+                    run, size = [], 0
+            if run:
+                self.buckets.append(Bucket(run, grad_dtype, self.dp, decay))
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.expected = 1
+        self.launch_order: list[int] = []  # which buckets were launched, in order (tests read it)
+        for p in self.bucket_of_params():
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def bucket_of_params(self):
+        return [p for b in self.buckets for p in b.params]
+
+    def start_step(self, micro_batches: int) -> None:
+        """Each parameter will receive `micro_batches` gradients before the step."""
+        self.expected = micro_batches
+        self.launch_order = []
+        for b in self.buckets:
+            b.grad.zero_()
+            b.pending = len(b.params) * micro_batches
+            b.finish = None
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        p.main_grad.add_(p.grad)
+        p.grad = None  # the bucket holds the gradient now
+        bucket = self.bucket_of[id(p)]
+        bucket.pending -= 1
+        if bucket.pending == 0 and self.overlap:
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.grad.div_(self.dp)  # average, not sum, over data-parallel replicas
+        if self.reduce_scatter:
+            bucket.finish = comm.reduce_scatter_start(bucket.grad, self.dp_group, dim=0)
+        else:
+            bucket.finish = comm.all_reduce_start(bucket.grad, self.dp_group)
+        self.launch_order.append(self.buckets.index(bucket))
+
+    def finish(self) -> list[torch.Tensor]:
+        """Wait for every reduction; returns per bucket this rank's reduced gradient: the whole
+        bucket, or under reduce-scatter its 1/dp shard."""
+        out = []
+        for b in self.buckets:
+            if b.pending:
+                raise RuntimeError(f"a gradient bucket is still waiting for {b.pending} gradients: "
+                                   f"start_step(m) was told {self.expected} micro-batches")
+            if b.finish is None:
+                self._launch(b)
+            reduced = b.finish()
+            if not self.reduce_scatter and reduced is not b.grad:
+                b.grad.copy_(reduced)
+                reduced = b.grad
+            out.append(reduced)
+        return out
