@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in demo. Extra arguments go to `python -m llama.train`.
+# The main job on the built-in demo: the tiny LLaMA on 4 local processes (tp=2 x pp=2, sp).
+# Extra arguments go to `python -m llama.train` (and win over these).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec "$PY" -m llama.train --config configs/tiny.yaml "$@"
+exec "$PY" -m llama.train --config configs/tiny.yaml --nproc 4 --tp 2 --pp 2 --sp "$@"

@@ -1,0 +1,93 @@
+"""The trainer's parts: gradient accumulation, overlapped bucket reduction, the distributed
+optimizer's memory, the skipping of non-finite steps, and the command line's checks."""
+import math
+
+import pytest
+import torch
+
+from llama.config import ConfigError, LlamaConfig
+from llama.model import Transformer
+from llama.train import ByteDemoData, check_batch, main, train
+from parallel.data_parallel import GradBuckets
+from parallel.params import init_parameters
+from parallel.topology import build_topology
+from tests.distributed import run_on_ranks, topology
+from tests.llama.test_train_layouts import _run_config, _text
+
+
+def _single(**kw):
+    run = _run_config(**kw)
+    return train(run, build_topology(), show_progress=False, data=ByteDemoData(16, run.train.seed, _text()))
+
+
+def test_eight_micro_batches_of_one_equal_one_of_eight():
+    a = _single(micro_batch=1, global_batch=8, steps=5)
+    b = _single(micro_batch=8, global_batch=8, steps=5)
+    for x, y in zip(a.losses, b.losses):
+        assert abs(x - y) <= 1e-5 * abs(y)
+    for pa, pb in zip(a.chunks[0].parameters(), b.chunks[0].parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def _first_bucket_launches_during_backward(overlap):
+    topo = topology(tp=1, pp=1)  # dp = 2
+    cfg = LlamaConfig(dim=32, n_layers=4, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
+    model = Transformer(cfg, attention="sdpa")
+    init_parameters(model, 0)
+    buckets = GradBuckets(list(model.parameters()), topo.dp_group, bucket_mb=0.01, overlap=overlap)
+    launched_before_embedding_grad = []
+    # the embedding's gradient is the last one backward produces
+    model.tok_embeddings.weight.register_hook(lambda g: launched_before_embedding_grad.append(
+        list(buckets.launch_order)))
+    buckets.start_step(1)
+    tokens = torch.randint(0, 64, (2, 16))
+    model(tokens, tokens).backward()
+    during = launched_before_embedding_grad[0]
+    buckets.finish()
+    return len(buckets.buckets), during, buckets.launch_order
+
+
+def test_bucket_reductions_start_while_backward_is_running():
+    n, during, order = run_on_ranks(_first_bucket_launches_during_backward, 2, True)[0]
+    assert n > 3 and len(during) >= n - 2  # nearly all buckets went out before backward reached the embedding
+    assert sorted(order) == list(range(n))
+    n, during, order = run_on_ranks(_first_bucket_launches_during_backward, 2, False)[0]
+    assert during == [] and sorted(order) == list(range(n))  # overlap off: all in finish()
+
+
+def _optimizer_state(distributed):
+    from tests.llama.test_train_layouts import _train
+    return _train(topology(tp=1, pp=1), distributed_optimizer=distributed)[3]
+
+
+def test_distributed_optimizer_holds_a_dp_th_of_the_state():
+    replicated = run_on_ranks(_optimizer_state, 2, False)
+    sharded = run_on_ranks(_optimizer_state, 2, True)
+    ratio = sharded[0] / replicated[0]
+    print(f"\noptimizer state per rank, dp=2: replicated {replicated[0]:,} B, distributed {sharded[0]:,} B "
+          f"(ratio {ratio:.3f})")
+    assert sum(sharded) == pytest.approx(replicated[0], rel=0.01) and 0.49 <= ratio <= 0.51
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on():
+    run = _single(inject_nonfinite_step=3, steps=8)
+    assert run.skipped == [3] and math.isnan(run.losses[3]) and math.isnan(run.grad_norms[3])
+    assert all(math.isfinite(x) for i, x in enumerate(run.losses) if i != 3)
+    clean = _single(steps=8)
+    assert run.losses[:3] == clean.losses[:3]
+    assert run.losses[4] != clean.losses[4]  # step 3's update really was not applied
+    assert run.losses[-1] < run.losses[0]
+
+
+def test_the_global_batch_must_split_into_micro_batches_and_dp():
+    assert check_batch(32, 4, 2) == 4
+    with pytest.raises(ConfigError, match=r"global_batch=30 is not divisible by micro_batch\*dp=4\*2"):
+        check_batch(30, 4, 2)
+
+
+def test_command_line_errors_are_one_line(capsys):
+    assert main(["--config", "tiny", "--global-batch-size", "30", "--micro-batch-size", "4", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llama-train: error: global_batch=30") and "\n" not in err
+    assert main(["--config", "tiny", "--tp", "3"]) == 2
+    assert "world size 1 is not divisible by tp*pp=3*1" in capsys.readouterr().err
