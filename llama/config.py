@@ -124,9 +124,25 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """Token shards and their sampling weights; without sources the trainer falls back to the
+    bytes of the standard library's docstrings (no tokenizer needed)."""
+    tokenizer: str = ""
+    sources: list = field(default_factory=list)  # [{"path": "data/demo/prose", "weight": 0.7}, ...]
+
+    def __post_init__(self) -> None:
+        for src in self.sources:
+            if not isinstance(src, dict) or "path" not in src or set(src) - {"path", "weight"}:
+                raise ConfigError(f"data source {src!r} must be a mapping with 'path' and optional 'weight'")
+            if float(src.get("weight", 1.0)) <= 0:
+                raise ConfigError(f"data source {src['path']!r} has weight {src['weight']}; weights must be > 0")
+
+
+@dataclass
 class RunConfig:
     model: LlamaConfig = field(default_factory=LlamaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _build(cls, values: dict, section: str):
@@ -155,12 +171,13 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read a preset or YAML file; `overrides` is {"model": {...}, "train": {...}}."""
+    """Read a preset or YAML file; `overrides` is {"model": {...}, "train": {...}, "data": {...}}."""
     raw = yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {}
     for section, values in (overrides or {}).items():
         raw[section] = {**(raw.get(section) or {}), **values}
-    unknown = sorted(set(raw) - {"model", "train"})
+    unknown = sorted(set(raw) - {"model", "train", "data"})
     if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; a config has 'model' and 'train'")
+        raise ConfigError(f"unknown section(s) {unknown}; a config has 'model', 'train' and 'data'")
     return RunConfig(model=_build(LlamaConfig, raw.get("model") or {}, "model"),
-                     train=_build(TrainConfig, raw.get("train") or {}, "train"))
+                     train=_build(TrainConfig, raw.get("train") or {}, "train"),
+                     data=_build(DataConfig, raw.get("data") or {}, "data"))

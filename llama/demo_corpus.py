@@ -49,3 +49,50 @@ def code_text(max_bytes: int = 2_000_000) -> str:
         if size >= max_bytes:
             break
     return "\n".join(parts)
+
+
+def write_jsonl(path: Path, docs) -> int:
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def build_demo(out_dir: str | Path, vocab_size: int = 4096, max_bytes: int = 2_000_000, workers: int = 2,
+               progress: bool = True) -> dict:
+    """The demo's two sources, its tokenizer and its shards, from nothing but Python itself:
+
+        OUT/prose.jsonl, OUT/code.jsonl      one document per docstring / per stdlib file
+        OUT/tokenizer.model                  SentencePiece BPE trained on both
+        OUT/prose.{bin,idx}, OUT/code.{bin,idx}
+    """
+    from llama.preprocess import iter_documents, preprocess
+    from llama.tokenizer import train_tokenizer
+
+    out = Path(out_dir)
+    prose = [d for path in stdlib_files() for d in docstrings(path)]
+    prose = _take(prose, max_bytes)
+    code = _take((p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()), max_bytes)
+    write_jsonl(out / "prose.jsonl", prose)
+    write_jsonl(out / "code.jsonl", code)
+    docs = list(iter_documents([out / "prose.jsonl", out / "code.jsonl"]))
+    tokenizer = train_tokenizer(docs, out / "tokenizer", vocab_size=vocab_size)
+    stats = {name: preprocess([out / f"{name}.jsonl"], tokenizer, out / name, workers=workers, progress=progress)
+             for name in ("prose", "code")}
+    return {"tokenizer": str(tokenizer), **stats}
+
+
+def _take(docs, max_bytes: int) -> list[str]:
+    out, size = [], 0
+    for doc in docs:
+        out.append(doc)
+        size += len(doc)
+        if size >= max_bytes:
+            break
+    return out

@@ -11,15 +11,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from llama.config import ConfigError, RunConfig, load_config
+from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
 from llama.parallelize import activation_shape, build_chunks
+from llama.shards import ShardError
+from llama.tokenizer import Tokenizer, TokenizerError
 from parallel import comm
 from parallel.data_parallel import GradBuckets
 from parallel.lr_schedule import lr_at
@@ -31,10 +35,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ByteDemoData:
-    """Global batches of windows of seq_len + 1 bytes of the standard library's docstrings.
-
-    Sample i of the run is a window whose start depends only on (seed, i), so every layout and
-    every dp size sees the same global batches; dp rank d reads its contiguous slice."""
+    """Windows of seq_len + 1 bytes of the standard library's docstrings: the fallback corpus
+    when the config names no token shards. Sample i starts at an offset drawn from (seed, i)."""
 
     def __init__(self, seq_len: int, seed: int, text: str | None = None):
         data = (text or prose_text(max_bytes=600_000)).encode("utf-8")
@@ -42,11 +44,30 @@ class ByteDemoData:
         if len(self.data) <= seq_len + 1:
             raise ValueError(f"the corpus has {len(self.data)} tokens, fewer than seq_len+1={seq_len + 1}")
         self.seq_len, self.seed = seq_len, seed
+        self._cache: dict = {}
 
-    def global_batch(self, step: int, size: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (size,), generator=gen)
-        return torch.stack([self.data[s:s + self.seq_len + 1] for s in starts.tolist()])
+    def _offsets(self, block: int) -> np.ndarray:
+        """Window offsets of samples [4096·block, 4096·(block+1)), a function of (seed, block)."""
+        if block not in self._cache:
+            self._cache = {block: np.random.default_rng([self.seed, block]).integers(
+                0, len(self.data) - self.seq_len - 1, 4096)}
+        return self._cache[block]
+
+    def samples(self, start: int, count: int) -> torch.Tensor:
+        offsets = [int(self._offsets(i // 4096)[i % 4096]) for i in range(start, start + count)]
+        return torch.stack([self.data[o:o + self.seq_len + 1] for o in offsets])
+
+
+def build_data(run: RunConfig):
+    """The run's sample stream: the configured mixture of token shards, else the byte corpus."""
+    d, m, t = run.data, run.model, run.train
+    if not d.sources:
+        if m.vocab_size < 256:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for the byte-level demo corpus")
+        return ByteDemoData(t.seq_len, t.seed)
+    if d.tokenizer:
+        Tokenizer(d.tokenizer).check_fits(m.vocab_size)
+    return load_mixture(d.sources, t.seq_len, t.seed, m.vocab_size)
 
 
 @dataclass
@@ -54,6 +75,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    consumed_samples: int = 0
     chunks: list = field(default_factory=list)
     optimizer: Optimizer | None = None
 
@@ -91,9 +113,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
                           grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
     p2p = PipelineP2P(topo, ring=t.vpp > 1)
     shape = activation_shape(m, t.micro_batch, t.seq_len, topo.tp, t.sp)
-    data = data or ByteDemoData(t.seq_len, t.seed)
-    if m.vocab_size < 256 and isinstance(data, ByteDemoData):
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 256 for the byte-level demo corpus")
+    data = data or build_data(run)
     peak = t.peak_tflops or device_peak_tflops()
     is_logger = topo.rank == 0
     writer = MetricsWriter(metrics_path if is_logger else None)
@@ -103,8 +123,8 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     start = time.perf_counter()
     for step in bar:
         lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-        batch = data.global_batch(step, t.global_batch).to(device)
-        mine = batch.chunk(topo.dp)[topo.dp_rank]
+        mine = rank_slice(data, result.consumed_samples, t.global_batch, topo.dp, topo.dp_rank).to(device)
+        result.consumed_samples += t.global_batch
         micro = [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(t.micro_batch)]
         if step == t.inject_nonfinite_step and chunks[-1].last_stage:
             _poison_next_loss(chunks[-1])
@@ -158,8 +178,8 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
-        if not sep or not dot or section not in ("model", "train"):
-            raise ConfigError(f"--set {item!r} must look like model.KEY=VALUE or train.KEY=VALUE")
+        if not sep or not dot or section not in ("model", "train", "data"):
+            raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, SECTION one of model, train, data")
         out.setdefault(section, {})[name] = yaml.safe_load(value)
     return out
 
@@ -217,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         t = run.train
         topo = initialize(t.tp, t.pp, t.dp or None)
         result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics)
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ShardError, TokenizerError, ValueError) as err:
         print(f"llama-train: error: {err}", file=sys.stderr)
         return 2
     if topo.rank == 0:

@@ -28,7 +28,7 @@ def _run_config(tp=1, pp=1, sp=False, distributed_optimizer=False, micro_batch=2
     train = dict(steps=STEPS, seq_len=16, global_batch=global_batch, micro_batch=micro_batch, lr=1e-3,
                  warmup_steps=5, dtype="fp32", attention="sdpa", recompute="none", tp=tp, pp=pp, sp=sp,
                  distributed_optimizer=distributed_optimizer) | train
-    return load_config("tiny", {"model": model, "train": train})
+    return load_config("tiny", {"model": model, "train": train, "data": {"tokenizer": "", "sources": []}})
 
 
 def _train(topo, **kw):

@@ -2,6 +2,7 @@
 optimizer's memory, the skipping of non-finite steps, and the command line's checks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,23 @@ def test_command_line_errors_are_one_line(capsys):
     assert err.startswith("llama-train: error: global_batch=30") and "\n" not in err
     assert main(["--config", "tiny", "--tp", "3"]) == 2
     assert "world size 1 is not divisible by tp*pp=3*1" in capsys.readouterr().err
+
+
+def test_training_on_token_shards_lowers_the_loss(tmp_path):
+    from llama.shards import ShardWriter
+    rng = np.random.default_rng(0)
+    for name, period in (("a", 5), ("b", 7)):  # two learnable sources: repeating sequences
+        w = ShardWriter(tmp_path / name, 256)
+        for _ in range(20):
+            w.add(np.tile(rng.integers(0, 256, period), 40))
+        w.close()
+    run = _run_config(steps=40, lr=1e-2)
+    run.data.sources = [{"path": str(tmp_path / "a"), "weight": 0.7}, {"path": str(tmp_path / "b"), "weight": 0.3}]
+    result = train(run, build_topology(), show_progress=False)
+    assert result.consumed_samples == 40 * 8
+    assert result.losses[-1] < 0.8 * result.losses[0]
+
+
+def test_a_missing_shard_is_a_one_line_error(capsys):
+    assert main(["--config", "tiny", "--set", "data.sources=[{path: /nonexistent/shard}]", "--steps", "1"]) == 2
+    assert "shard file '/nonexistent/shard.idx' does not exist" in capsys.readouterr().err

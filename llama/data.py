@@ -1,0 +1,137 @@
+"""Datasets: documents packed into windows, a weighted mixture of sources, and a global sample
+order that every layout reads the same way.
+
+Packing: a shard's token stream (documents with EOS between them) is cut into windows of
+seq_len + 1 tokens that overlap by one (inputs and shifted targets); window k starts at token
+k·seq_len. Each source's windows are visited in a fresh seeded permutation every epoch.
+
+Mixture (the paper's Table 1): the global sample stream is cut into blocks of 1000; in every
+block source s gets round(w_s · 1000) slots (largest remainders), placed by a permutation seeded
+with (seed, block). Shares are exact to within one block, yet interleaved at random.
+
+Global order: global batch b is samples [consumed, consumed + global_batch) of that stream; dp
+rank d reads its contiguous slice. The only state is the number of consumed samples, so a run
+resumed with another dp size continues the same stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llama.shards import Shard, ShardError
+
+BLOCK = 1000
+
+
+class PackedDataset:
+    """Windows of seq_len + 1 tokens over one shard, reshuffled every epoch."""
+
+    def __init__(self, shard: Shard, seq_len: int, seed: int, name: str = ""):
+        self.shard, self.seq_len, self.seed, self.name = shard, seq_len, seed, name or str(shard.prefix)
+        self.n_windows = (shard.n_tokens - 1) // seq_len
+        self._orders: dict = {}
+        if self.n_windows < 1:
+            raise ShardError(f"shard {str(shard.prefix)!r} has {shard.n_tokens} tokens, too few for one window of "
+                             f"seq_len+1={seq_len + 1}")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.shard.n_tokens
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:  # keep one epoch's permutation at a time
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)}
+        return self._orders[epoch]
+
+    def window(self, j: int) -> np.ndarray:
+        """The j-th window this source serves (j counts across epochs)."""
+        epoch, k = divmod(j, self.n_windows)
+        start = int(self._epoch_order(epoch)[k]) * self.seq_len
+        return np.asarray(self.shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+
+
+def block_counts(weights: list[float], block: int = BLOCK) -> list[int]:
+    """Slots per source in a block: proportional to the weights, summing to `block`."""
+    total = sum(weights)
+    exact = [w / total * block for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])[: block - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class Mixture:
+    """A weighted mixture of sources, addressed by global sample index."""
+
+    def __init__(self, sources: list[PackedDataset], weights: list[float], seed: int):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+        if min(weights) <= 0:
+            raise ValueError(f"mixture weights {weights} must be positive")
+        total = sum(weights)
+        self.sources, self.weights, self.seed = sources, [w / total for w in weights], seed
+        self.counts = block_counts(self.weights)
+        self._blocks: dict = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each slot, index within that source's stream) for block b."""
+        if b in self._blocks:
+            return self._blocks[b]
+        slots = np.repeat(np.arange(len(self.sources)), self.counts)
+        slots = np.random.default_rng([self.seed, 7919, b]).permutation(slots)
+        within = np.zeros(BLOCK, dtype=np.int64)
+        for s, count in enumerate(self.counts):
+            mine = slots == s
+            within[mine] = b * count + np.arange(count)
+        self._blocks = {b: (slots, within)}  # batches read blocks in order: one is enough
+        return slots, within
+
+    def source_of(self, i: int) -> int:
+        return int(self._block(i // BLOCK)[0][i % BLOCK])
+
+    def sample(self, i: int) -> np.ndarray:
+        slots, within = self._block(i // BLOCK)
+        return self.sources[slots[i % BLOCK]].window(int(within[i % BLOCK]))
+
+    def samples(self, start: int, count: int) -> torch.Tensor:
+        """Samples [start, start + count) of the global stream, as a [count, seq_len + 1] tensor."""
+        return torch.from_numpy(np.stack([self.sample(i) for i in range(start, start + count)]))
+
+    def epochs(self, train_tokens: float) -> list[dict]:
+        """Per source: share, tokens it holds, and the epochs it is seen for `train_tokens`
+        (Table 1 of the paper: sampling proportion × training tokens ÷ source size)."""
+        return [{"source": s.name, "weight": w, "tokens": s.n_tokens, "epochs": w * train_tokens / s.n_tokens}
+                for s, w in zip(self.sources, self.weights)]
+
+
+def rank_slice(data, consumed: int, global_batch: int, dp: int, dp_rank: int) -> torch.Tensor:
+    """dp rank `dp_rank`'s contiguous share of the global batch that starts at sample `consumed`."""
+    per_rank = global_batch // dp
+    return data.samples(consumed + dp_rank * per_rank, per_rank)
+
+
+def epoch_report(mixture: Mixture, train_tokens: float) -> str:
+    lines = [f"{'source':<40} {'weight':>7} {'tokens':>14} {'epochs':>8}"]
+    for r in mixture.epochs(train_tokens):
+        lines.append(f"{r['source'][-40:]:<40} {r['weight']:>7.3f} {r['tokens']:>14,} {r['epochs']:>8.2f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class DataSource:
+    path: str
+    weight: float = 1.0
+
+
+def load_mixture(sources: list[dict], seq_len: int, seed: int, vocab_size: int) -> Mixture:
+    """Open every shard (clear errors for a missing, truncated or out-of-vocabulary one)."""
+    datasets, weights = [], []
+    for i, spec in enumerate(sources):
+        src = DataSource(**spec)
+        shard = Shard(src.path)
+        shard.check_vocab(vocab_size)
+        datasets.append(PackedDataset(shard, seq_len, seed * 1_000_003 + i, name=src.path))
+        weights.append(src.weight)
+    return Mixture(datasets, weights, seed)

@@ -1,0 +1,95 @@
+"""Token shards on disk: `PREFIX.bin`, every document's token ids back to back (uint16 when the
+vocabulary is below 65536, else uint32), and `PREFIX.idx`, a header and the document offsets.
+
+    .idx = b"LLAMAIDX" | version u32 | bytes per token u32 | vocab_size u64 | max_token_id u64 |
+           n_docs u64 | offsets (n_docs + 1) × u64, in tokens
+
+Both files are written under temporary names and renamed when complete (.idx last), so a
+shard that exists is whole; a truncated or foreign one is refused with its file named.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC, VERSION = b"LLAMAIDX", 1
+_HEADER = struct.Struct("<8sIIQQQ")
+
+
+class ShardError(ValueError):
+    pass
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size < 65536 else np.uint32
+
+
+class ShardWriter:
+    def __init__(self, prefix: str | Path, vocab_size: int):
+        self.prefix, self.vocab_size = Path(prefix), vocab_size
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = token_dtype(vocab_size)
+        self.tmp_bin = Path(f"{self.prefix}.bin.tmp")
+        self.file = open(self.tmp_bin, "wb")
+        self.offsets, self.max_id = [0], 0
+
+    def add(self, ids) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        if len(arr):
+            self.max_id = max(self.max_id, int(arr.max()))
+            if arr.min() < 0 or self.max_id >= self.vocab_size:
+                raise ShardError(f"token id {self.max_id} outside the vocabulary of {self.vocab_size} "
+                                 f"while writing {self.prefix}.bin")
+        self.file.write(arr.astype(self.dtype).tobytes())
+        self.offsets.append(self.offsets[-1] + len(arr))
+
+    def close(self) -> None:
+        self.file.close()
+        tmp_idx = Path(f"{self.prefix}.idx.tmp")
+        with open(tmp_idx, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, np.dtype(self.dtype).itemsize, self.vocab_size, self.max_id,
+                                 len(self.offsets) - 1))
+            f.write(np.asarray(self.offsets, dtype=np.uint64).tobytes())
+        self.tmp_bin.replace(f"{self.prefix}.bin")
+        tmp_idx.replace(f"{self.prefix}.idx")
+
+
+class Shard:
+    """A memory-mapped shard: `tokens` (all documents, flat) and document `offsets`."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        for f in (idx, bin_):
+            if not f.is_file():
+                raise ShardError(f"shard file {str(f)!r} does not exist (build it with tools/preprocess_data.py)")
+        raw = idx.read_bytes()
+        if len(raw) < _HEADER.size or raw[:8] != MAGIC:
+            raise ShardError(f"{str(idx)!r} is not a token-shard index (bad header)")
+        _, version, itemsize, self.vocab_size, self.max_token_id, n_docs = _HEADER.unpack_from(raw)
+        if version != VERSION:
+            raise ShardError(f"{str(idx)!r} has format version {version}; this code reads {VERSION}")
+        if len(raw) != _HEADER.size + 8 * (n_docs + 1):
+            raise ShardError(f"{str(idx)!r} is truncated: {len(raw)} bytes for {n_docs} documents")
+        self.offsets = np.frombuffer(raw, dtype=np.uint64, offset=_HEADER.size)
+        dtype = {2: np.uint16, 4: np.uint32}.get(itemsize)
+        expected = int(self.offsets[-1]) * itemsize
+        if dtype is None or bin_.stat().st_size != expected:
+            raise ShardError(f"{str(bin_)!r} is truncated or foreign: {bin_.stat().st_size} bytes, the index "
+                             f"says {expected}")
+        self.tokens = np.memmap(bin_, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.max_token_id >= vocab_size:
+            raise ShardError(f"shard {str(self.prefix)!r} holds token id {self.max_token_id}, outside "
+                             f"model.vocab_size={vocab_size}")

@@ -1,0 +1,55 @@
+"""SentencePiece BPE as in the paper: digits split into single tokens, unknown UTF-8 bytes
+falling back to byte tokens. Wraps any SentencePiece model, Meta's `tokenizer.model` included
+(ids: 0 <unk>, 1 <s>, 2 </s>, as Meta's)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import sentencepiece as spm
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | Path):
+        path = Path(model_path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer model {str(path)!r} does not exist")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def check_fits(self, vocab_size: int) -> None:
+        """A model whose embedding has fewer rows than the tokenizer has ids cannot run."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(f"the tokenizer {str(self.path)!r} has {self.vocab_size} ids but "
+                                 f"model.vocab_size={vocab_size}; set model.vocab_size >= {self.vocab_size}")
+
+
+def train_tokenizer(texts, model_prefix: str | Path, vocab_size: int = 32000, threads: int = 2) -> Path:
+    """Train SentencePiece BPE with the paper's options on an iterable of documents; returns
+    the `.model` path. Normalisation is off so that decode(encode(text)) == text."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        split_digits=True, byte_fallback=True, character_coverage=0.99995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=threads,
+        max_sentence_length=1 << 16, train_extremely_large_corpus=False, minloglevel=2)
+    path = Path(f"{model_prefix}.model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".model.tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    return path
