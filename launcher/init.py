@@ -1,4 +1,9 @@
-"""One initialisation for every command: the process group, the device, then the topology."""
+"""One initialisation for every command: the process group, the device, then the topology.
+
+backend: nccl with CUDA, gloo on CPU (overridable); the CUDA device from the local rank; a
+timeout after which a collective waiting for a dead or stuck peer raises on every rank. When a
+rank fails it leaves its rank and error in the store, so its peers can name it in their errors.
+"""
 from __future__ import annotations
 
 import datetime
@@ -8,7 +13,10 @@ import torch
 import torch.distributed as dist
 
 from launcher.env import LaunchEnv, detect
+from launcher.rendezvous import rendezvous
 from parallel.topology import Topology, build_topology, check_layout
+
+_FAILED_KEY = "llama/first_failure"
 
 
 def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None,
@@ -20,13 +28,40 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | N
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if env.world_size > 1 and not dist.is_initialized():
-        if env.master_addr is None or env.master_port is None:
-            raise RuntimeError(f"rank {env.rank} of {env.world_size} has no rendezvous: set MASTER_ADDR and "
-                               "MASTER_PORT")
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        addr, port = rendezvous(env, os.environ.get("SLURM_STEP_ID"))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,
+                                world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return build_topology(tp, pp, dp)
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def record_failure(message: str) -> None:
+    """Leave 'rank R: message' in the store (the first failure wins); best effort."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        store.compare_set(_FAILED_KEY, "", f"rank {dist.get_rank()}: {message}")
+    except Exception:
+        pass
+
+
+def first_failure() -> str | None:
+    """What the first rank to fail recorded, if the store (on rank 0) is still reachable."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        store.set_timeout(datetime.timedelta(seconds=2))
+        if store.check([_FAILED_KEY]):
+            return store.get(_FAILED_KEY).decode()
+    except Exception:
+        return None
+    return None

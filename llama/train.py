@@ -1,8 +1,8 @@
 """`python -m llama.train` / `llama-train`: train LLaMA on any (tp, pp, dp) layout.
 
-    python -m llama.train --config configs/tiny.yaml                       # one process
-    python -m llama.train --config configs/tiny.yaml --nproc 4 --tp 2 --pp 2 # four local processes
-    torchrun --nproc-per-node 8 -m llama.train --config llama-7b --tp 8     # under a launcher
+    python -m llama.train --config configs/tiny.yaml                                   # one process
+    torchrun --standalone --nproc-per-node 4 -m llama.train --config tiny --tp 2 --pp 2 # 4 local processes
+    srun python -m llama.train --config llama-65b --tp 8 --pp 4                         # SLURM (or mpirun)
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from launcher.init import first_failure, initialize, record_failure
+from launcher.rendezvous import RendezvousError
 from llama.config import ConfigError, RunConfig, load_config
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
@@ -30,6 +32,7 @@ from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
 from parallel.pipeline.p2p import PipelineP2P
 from parallel.pipeline.schedules import SCHEDULES, run_schedule, schedule_order
+from parallel.topology import TopologyError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -217,29 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
     p.add_argument("--peak-tflops", type=float, help="device peak (bf16 TFLOP/s) for MFU")
     p.add_argument("--metrics", metavar="PATH", help="rank 0 writes one JSON line per step here")
-    p.add_argument("--nproc", type=int, default=1, help="start this many local processes (CPU: gloo)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a collective may wait before every rank gives up (a dead or stuck peer)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    if args.nproc > 1 and not _launched():
-        from launcher.local import run_local
-        return run_local(args.nproc, main, argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         overrides = parse_overrides(args.set)
         flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
         overrides.setdefault("train", {}).update(flags)
         run = load_config(args.config, overrides)
-        from launcher.init import initialize
         t = run.train
-        topo = initialize(t.tp, t.pp, t.dp or None)
+        topo = initialize(t.tp, t.pp, t.dp or None, timeout_s=args.timeout)
         result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics)
-    except (ConfigError, ShardError, TokenizerError, ValueError) as err:
+    except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, ValueError) as err:
         print(f"llama-train: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a failure during the run: say which rank, and which failed first
+        if not dist.is_initialized():
+            raise
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        record_failure(message)
+        first = first_failure()
+        culprit = f" (first failure: {first})" if first and not first.startswith(f"rank {dist.get_rank()}:") else ""
+        print(f"llama-train: rank {dist.get_rank()}: {message}{culprit}", file=sys.stderr, flush=True)
+        return 1
     if topo.rank == 0:
         losses = result.losses
         print(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} "
@@ -247,11 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
-
-
-def _launched() -> bool:
-    import os
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 if __name__ == "__main__":
