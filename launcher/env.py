@@ -8,6 +8,7 @@ step's SLURM_PROCID=0 (DESIGN.md): the MPI variables are the true ones.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from launcher.hostlist import expand_hostlist
@@ -43,8 +44,10 @@ def _tasks_per_node(spec: str, node: int) -> int:
     """SLURM_TASKS_PER_NODE, e.g. '4(x2),3': tasks on node `node`."""
     counts = []
     for part in spec.split(","):
-        n, _, rep = part.partition("(x")
-        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={spec!r} is not like '4(x2),3'")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts[node] if node < len(counts) else counts[-1]
 
 
@@ -58,18 +61,18 @@ def detect(env=None) -> LaunchEnv:
     env = os.environ if env is None else env
     addr, port = _rendezvous(env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        local_world = _int(env, "LOCAL_WORLD_SIZE", 1)
+        local_world = max(1, _int(env, "LOCAL_WORLD_SIZE", 1))
         rank = _int(env, "RANK")
         return LaunchEnv(rank, _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0), local_world,
                          _int(env, "GROUP_RANK", rank // local_world), addr, port, "torchrun")
     if "OMPI_COMM_WORLD_RANK" in env:
-        local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1)
+        local_world = max(1, _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1))
         rank = _int(env, "OMPI_COMM_WORLD_RANK")
         return LaunchEnv(rank, _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
                          local_world, _int(env, "OMPI_COMM_WORLD_NODE_RANK", rank // local_world), addr, port,
                          "openmpi")
     if "PMI_RANK" in env:  # MPICH (Hydra) and Intel MPI
-        local_world = _int(env, "MPI_LOCALNRANKS", 1)
+        local_world = max(1, _int(env, "MPI_LOCALNRANKS", 1))
         rank = _int(env, "PMI_RANK")
         return LaunchEnv(rank, _int(env, "PMI_SIZE"), _int(env, "MPI_LOCALRANKID", 0), local_world,
                          rank // local_world, addr, port, "mpich")

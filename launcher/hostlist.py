@@ -11,25 +11,25 @@ class HostlistError(ValueError):
     pass
 
 
-def _split_top_level(text: str) -> list[str]:
+def _split_top_level(text: str, whole: str) -> list[str]:
     """Split on commas that are not inside brackets."""
     parts, depth, current = [], 0, []
     for ch in text:
         if ch == "[":
             depth += 1
             if depth > 1:
-                raise HostlistError(f"malformed hostlist {text!r}: nested brackets")
+                raise HostlistError(f"malformed hostlist {whole!r}: nested brackets")
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise HostlistError(f"malformed hostlist {text!r}: ']' without '['")
+                raise HostlistError(f"malformed hostlist {whole!r}: ']' without '['")
         if ch == "," and depth == 0:
             parts.append("".join(current))
             current = []
         else:
             current.append(ch)
     if depth:
-        raise HostlistError(f"malformed hostlist {text!r}: '[' without ']'")
+        raise HostlistError(f"malformed hostlist {whole!r}: '[' without ']'")
     parts.append("".join(current))
     return parts
 
@@ -50,9 +50,9 @@ def _expand_range(item: str, whole: str) -> list[str]:
 def expand_hostlist(text: str) -> list[str]:
     """Every host name the expression names, in order."""
     if not text or not text.strip():
-        raise HostlistError("malformed hostlist '': empty")
+        raise HostlistError(f"malformed hostlist {text!r}: empty")
     hosts = []
-    for part in _split_top_level(text.strip()):
+    for part in _split_top_level(text.strip(), text):
         if not part:
             raise HostlistError(f"malformed hostlist {text!r}: empty name between commas")
         pieces = re.split(r"(\[[^\]]*\])", part)

@@ -102,3 +102,32 @@ class Optimizer:
             if self.distributed:
                 comm.all_gather_into(b.data, b.data[lo:hi], self.buckets.dp_group)
         return norm, False
+
+    # --- checkpointing: per bucket, this rank's slice of master weights and Adam moments ---
+
+    STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+    def bucket_state(self, i: int) -> dict[str, torch.Tensor]:
+        master = self.masters[i]
+        state = self.adam.state.get(master, {})
+        zeros = torch.zeros_like(master)
+        return {"master": master, "exp_avg": state.get("exp_avg", zeros), "exp_avg_sq": state.get("exp_avg_sq", zeros)}
+
+    @property
+    def adam_step(self) -> int:
+        state = self.adam.state.get(self.masters[0], {})
+        return int(state["step"].item()) if "step" in state else 0
+
+    def load_bucket_state(self, i: int, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
+        master = self.masters[i]
+        master.copy_(tensors["master"])
+        if adam_step:
+            self.adam.state[master] = {
+                "step": torch.tensor(float(adam_step), dtype=torch.float32, device=master.device),
+                "exp_avg": tensors["exp_avg"].to(master.device).clone(),
+                "exp_avg_sq": tensors["exp_avg_sq"].to(master.device).clone()}
+
+    def masters_from_params(self) -> None:
+        """Restart the master weights from the parameters (after loading weights only)."""
+        for master, (lo, hi), b in zip(self.masters, self.ranges, self.buckets.buckets):
+            master.copy_(b.data[lo:hi])
