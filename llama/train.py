@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +28,13 @@ from llama.parallelize import activation_shape, build_chunks
 from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
 from parallel import comm
+from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from parallel.data_parallel import GradBuckets
 from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
 from parallel.pipeline.p2p import PipelineP2P
 from parallel.pipeline.schedules import SCHEDULES, run_schedule, schedule_order
+from parallel.tensor_files import TensorFileError
 from parallel.topology import TopologyError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,8 +100,19 @@ def decays(p) -> bool:
     return p.dim() >= 2
 
 
-def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, data=None) -> TrainResult:
+@dataclass
+class CheckpointOptions:
+    save_dir: str | None = None   # write checkpoints here (step_000100/, latest)
+    save_every: int = 0           # every N steps (0: only at the end)
+    keep: int = 3                 # the last K are kept
+    resume: str | None = None     # a checkpoint directory, or a root whose `latest` is followed
+    init_from: str | None = None  # weights only (converted or pretrained): a fresh optimiser and step 0
+
+
+def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, data=None,
+          ckpt: CheckpointOptions | None = None) -> TrainResult:
     """Train on the layout of `topo` (already initialised); every rank calls this."""
+    ckpt = ckpt or CheckpointOptions()
     m, t = run.model, run.train
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -121,8 +135,18 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     is_logger = topo.rank == 0
     writer = MetricsWriter(metrics_path if is_logger else None)
     result = TrainResult(chunks=chunks, optimizer=optimizer)
+    first_step = 0
+    if ckpt.resume or ckpt.init_from:
+        meta = load_checkpoint(ckpt.resume or ckpt.init_from, chunks, optimizer, topo,
+                               weights_only=not ckpt.resume)
+        if ckpt.resume:
+            first_step, result.consumed_samples = meta["step"], meta["consumed_samples"]
+            if is_logger:
+                tqdm.write(f"resumed from {resolve_checkpoint(ckpt.resume)} at step {first_step} "
+                           f"(saved at tp={meta['layout']['tp']} pp={meta['layout']['pp']} dp={meta['layout']['dp']})")
     tokens_per_step = t.global_batch * t.seq_len
-    bar = tqdm(range(t.steps), desc="train", disable=not (show_progress and is_logger), dynamic_ncols=True)
+    bar = tqdm(range(first_step, t.steps), desc="train", disable=not (show_progress and is_logger),
+               dynamic_ncols=True, initial=first_step, total=t.steps)
     start = time.perf_counter()
     for step in bar:
         lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
@@ -142,7 +166,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             if is_logger:
                 tqdm.write(f"step {step}: gradient norm is {grad_norm}; the update was skipped")
         elapsed = time.perf_counter() - start
-        tokens_per_s = (step + 1) * tokens_per_step / elapsed
+        tokens_per_s = (step + 1 - first_step) * tokens_per_step / elapsed
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                   "tokens_per_s_per_process": tokens_per_s / topo.world,
                   "mfu": mfu(m, t.seq_len, tokens_per_s, topo.world, peak),
@@ -152,6 +176,10 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         if is_logger and not show_progress and (step % t.log_every == 0 or step == t.steps - 1):
             print(f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} tokens/s {tokens_per_s:,.0f}",
                   flush=True)
+        done = step + 1
+        if ckpt.save_dir and (done == t.steps or (ckpt.save_every and done % ckpt.save_every == 0)):
+            save_checkpoint(ckpt.save_dir, done, chunks, optimizer, topo, keep=ckpt.keep,
+                            meta={"consumed_samples": result.consumed_samples, "config": asdict(run)})
     writer.close()
     return result
 
@@ -220,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
     p.add_argument("--peak-tflops", type=float, help="device peak (bf16 TFLOP/s) for MFU")
     p.add_argument("--metrics", metavar="PATH", help="rank 0 writes one JSON line per step here")
+    p.add_argument("--save", metavar="DIR", help="write checkpoints under DIR (step_000100/, latest)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=3, metavar="K", help="keep the last K checkpoints")
+    p.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                   help="continue from a checkpoint: PATH, or without PATH the latest under --save")
+    p.add_argument("--init-from", metavar="PATH", help="start from these weights (any layout; a converted model)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a collective may wait before every rank gives up (a dead or stuck peer)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
@@ -235,8 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         run = load_config(args.config, overrides)
         t = run.train
         topo = initialize(t.tp, t.pp, t.dp or None, timeout_s=args.timeout)
-        result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics)
-    except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, ValueError) as err:
+        resume = args.resume
+        if resume == "":
+            if not args.save:
+                raise ConfigError("--resume without a PATH needs --save DIR to find the latest checkpoint")
+            resume = args.save if (Path(args.save) / "latest").is_file() else None  # nothing yet: start fresh
+        ckpt = CheckpointOptions(args.save, args.save_every, args.keep, resume, args.init_from)
+        result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics, ckpt=ckpt)
+    except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, CheckpointError,
+            TensorFileError, ValueError) as err:
         print(f"llama-train: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a failure during the run: say which rank, and which failed first

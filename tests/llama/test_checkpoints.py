@@ -1,0 +1,127 @@
+"""Checkpoints: bit-exact resume on the same layout, resharding resume on other layouts, a
+process killed while writing, and damaged files."""
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from llama.train import ByteDemoData, CheckpointOptions, train
+from parallel.checkpoint import CheckpointError, load_checkpoint, read_meta, resolve_checkpoint
+from parallel.params import full_tensor
+from parallel.tensor_files import TensorFileError
+from parallel.topology import build_topology
+from tests.distributed import run_on_ranks, run_processes, topology
+from tests.llama.test_train_layouts import _run_config, _text
+
+
+def _train(topo, steps, ckpt=None, **kw):
+    run = _run_config(tp=topo.tp, pp=topo.pp, steps=steps, **kw)
+    result = train(run, topo, show_progress=False, data=ByteDemoData(16, run.train.seed, _text()), ckpt=ckpt)
+    weights = {}
+    for chunk in result.chunks:
+        for name, p in chunk.named_parameters():
+            weights[name] = full_tensor(p.detach(), p, topo.tp_group).clone()
+    return result.losses, weights if topo.dp_rank == 0 else {}
+
+
+def _on_ranks(tp, pp, steps, ckpt=None, **kw):
+    return _train(topology(tp=tp, pp=pp), steps, ckpt, **kw)
+
+
+def _merge(outs):
+    losses, weights = outs[0][0], {}
+    for _, w in outs:
+        weights.update(w)
+    return losses, weights
+
+
+def test_resume_on_the_same_layout_is_bit_exact():
+    root = tempfile.mkdtemp(prefix="ckpt-")
+    try:
+        straight = _merge(run_on_ranks(_on_ranks, 4, 2, 2, 20))
+        first = _merge(run_on_ranks(_on_ranks, 4, 2, 2, 20, CheckpointOptions(root, save_every=10)))
+        # throw away the end of that run: resume from step 10 as if it had died there
+        shutil.rmtree(os.path.join(root, "step_000020"))
+        with open(os.path.join(root, "latest"), "w") as f:
+            f.write("step_000010\n")
+        second = _merge(run_on_ranks(_on_ranks, 4, 2, 2, 20, CheckpointOptions(root, resume=root)))
+        assert first[0] == straight[0]
+        assert second[0] == straight[0][10:]  # identical floats at every step
+        for name, w in straight[1].items():
+            assert torch.equal(second[1][name], w), name
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _resume_elsewhere(tp, pp, root):
+    return _on_ranks(tp, pp, 15, CheckpointOptions(resume=root), distributed_optimizer=pp == 1 and tp == 4)
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(4, 1, 2), (1, 1, 1), (1, 2, 4)])
+def test_resume_on_another_layout_continues_the_run(tp, pp, dp, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("reshard"))
+    kw = dict(sp=True, distributed_optimizer=True)
+    straight = _merge(run_on_ranks(_on_ranks, 8, 2, 2, 15, **kw))[0]
+    run_on_ranks(_on_ranks, 8, 2, 2, 15, CheckpointOptions(root, save_every=10), **kw)
+    shutil.rmtree(os.path.join(root, "step_000015"))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("step_000010\n")
+    assert read_meta(root)["layout"] == {"tp": 2, "pp": 2, "dp": 2, "distributed_optimizer": True}
+    if tp * pp * dp == 1:
+        resumed = _train(build_topology(), 15, CheckpointOptions(resume=root))[0]
+    else:
+        resumed = run_on_ranks(_resume_elsewhere, tp * pp * dp, tp, pp, root)[0][0]
+    assert len(resumed) == 5
+    for got, want in zip(resumed, straight[10:]):
+        assert abs(got - want) <= 1e-4 * abs(want), (resumed, straight[10:])
+
+
+def _killed_while_saving(root):
+    import parallel.tensor_files as tf
+    topo = topology(tp=1, pp=1)
+    _train(topo, 2, CheckpointOptions(root))  # a complete checkpoint at step 2
+    real_write = tf.StreamingSafetensorsWriter.write
+
+    def write_then_die(self, name, tensor):
+        real_write(self, name, tensor)
+        self.file.flush()
+        os._exit(9)  # killed in the middle of the file
+    tf.StreamingSafetensorsWriter.write = write_then_die
+    _train(topo, 4, CheckpointOptions(root, resume=root))
+
+
+def test_a_process_killed_while_writing_leaves_latest_on_the_previous_checkpoint():
+    root = tempfile.mkdtemp(prefix="ckpt-kill-")
+    try:
+        out = run_processes(_killed_while_saving, 2, root, timeout=120)
+        assert "exit code 9" in out.values(), out
+        assert open(os.path.join(root, "latest")).read().strip() == "step_000002"
+        assert os.path.isdir(os.path.join(root, "step_000004.tmp"))  # the partial one, never renamed
+        resumed = _train(build_topology(), 4, CheckpointOptions(resume=root))[0]
+        assert len(resumed) == 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_damaged_files_give_errors_naming_them(tmp_path):
+    topo = build_topology()
+    _train(topo, 1, CheckpointOptions(str(tmp_path)))
+    ckpt = resolve_checkpoint(tmp_path)
+    model_file = ckpt / "model-pp000.safetensors"
+    raw = model_file.read_bytes()
+    model_file.write_bytes(raw[: len(raw) // 2])
+    run = _run_config(steps=1)
+    from llama.parallelize import build_chunks
+    chunks = build_chunks(run.model, topo, seed=0)
+    with pytest.raises(TensorFileError, match=r"'.*model-pp000.safetensors' is truncated"):
+        load_checkpoint(ckpt, chunks, None, topo)
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        load_checkpoint(tmp_path / "nowhere", chunks, None, topo)
+    model_file.write_bytes(raw)
+    other = build_chunks(_run_config(steps=1).model.__class__(dim=64, n_layers=4, n_heads=4, vocab_size=256,
+                                                               multiple_of=16, max_seq_len=16), topo, seed=0)
+    with pytest.raises(CheckpointError, match=r"tok_embeddings.weight has shape \(256, 32\), the model expects "
+                                              r"\(256, 64\)"):
+        load_checkpoint(ckpt, other, None, topo)
