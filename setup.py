@@ -23,5 +23,5 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "xformers": ["xformers>=0.0.23"],
     },
-    entry_points={"console_scripts": ["llama-train=llama.train:main"]},
+    entry_points={"console_scripts": ["llama-train=llama.train:main", "llama-convert=llama.convert_cli:main"]},
 )

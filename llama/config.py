@@ -42,6 +42,7 @@ class LlamaConfig:
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
+    ffn_hidden: int | None = None  # an explicit FFN width (converted models); None: the paper's rule
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
@@ -55,6 +56,8 @@ class LlamaConfig:
             raise ConfigError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
         if self.ffn_dim_multiplier is not None:
             _positive(self, "ffn_dim_multiplier")
+        if self.ffn_hidden is not None:
+            _positive(self, "ffn_hidden", integer=True)
 
     @property
     def head_dim(self) -> int:
@@ -62,6 +65,8 @@ class LlamaConfig:
 
     @property
     def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
         return ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def num_params(self) -> int:

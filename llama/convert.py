@@ -1,0 +1,211 @@
+"""Convert between checkpoint formats, one tensor at a time: `native` ⇄ `meta` ⇄ `hf`.
+
+A reader knows the model config and hands out one logical tensor (native name, Meta's
+convention, unpadded) at a time; a writer streams them out. Only Meta's `.pth` output holds
+more: torch.save writes one shard file from a dict, so one tensor-parallel shard (1/tp of the
+model) is in memory at once. Every tensor is checked against the shape the config implies.
+"""
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from llama import formats
+from llama.config import LlamaConfig
+from parallel.checkpoint import FORMAT, read_meta
+from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile
+
+FORMATS = ("native", "meta", "hf")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def _check(name: str, tensor: torch.Tensor, shape: tuple, source: str) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConversionError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(shape)}")
+    return tensor
+
+
+class NativeReader:
+    def __init__(self, path):
+        self.meta = read_meta(path)
+        from parallel.checkpoint import resolve_checkpoint
+        directory = resolve_checkpoint(path)
+        self.cfg = LlamaConfig(**self.meta["config"]["model"])
+        self.files = {}
+        for f in sorted(directory.glob("model-*.safetensors")):
+            tf = TensorFile(f)
+            self.files.update({n: tf for n in tf.names})
+        self.source = str(directory)
+
+    def tensor(self, name: str, shape) -> torch.Tensor:
+        if name not in self.files:
+            raise ConversionError(f"{self.source}: no tensor {name!r}")
+        return _check(name, self.files[name].get(name), shape, self.source)
+
+
+class MetaReader:
+    def __init__(self, path, max_seq_len: int = 2048):
+        path = Path(path)
+        self.source = str(path)
+        if not (path / "params.json").is_file():
+            raise ConversionError(f"{self.source}: no params.json (not Meta's format)")
+        self.shards = sorted(path.glob("consolidated.*.pth"))
+        if not self.shards:
+            raise ConversionError(f"{self.source}: no consolidated.NN.pth files")
+        self.state = []
+        for f in self.shards:  # memory-mapped: nothing is read until a tensor is used
+            try:
+                self.state.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as err:
+                raise ConversionError(f"{f}: cannot be read as a PyTorch checkpoint (truncated or corrupted?): "
+                                      f"{str(err).splitlines()[0]}") from None
+        params = json.loads((path / "params.json").read_text())
+        vocab = self.state[0]["tok_embeddings.weight"].shape[0]
+        self.cfg = formats.config_from_meta(params, vocab, max_seq_len)
+
+    def tensor(self, name: str, shape) -> torch.Tensor:
+        parts = [s[name] for s in self.state if name in s]
+        if len(parts) != len(self.shards):
+            raise ConversionError(f"{self.source}: {name} is missing from some consolidated.NN.pth")
+        dim = formats.meta_split_dim(name)
+        full = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        if name in ("tok_embeddings.weight", "output.weight") and full.shape[0] > self.cfg.vocab_size:
+            full = full[: self.cfg.vocab_size]  # rows padded for the shard count
+        return _check(name, full, shape, self.source)
+
+
+class HFReader:
+    def __init__(self, path):
+        path = Path(path)
+        self.source = str(path)
+        if not (path / "config.json").is_file():
+            raise ConversionError(f"{self.source}: no config.json (not a Hugging Face model)")
+        self.cfg = formats.config_from_hf(json.loads((path / "config.json").read_text()))
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        self.files = {}
+        for f in files:
+            tf = TensorFile(path / f)
+            self.files.update({n: tf for n in tf.names})
+
+    def tensor(self, name: str, shape) -> torch.Tensor:
+        hf = formats.to_hf_name(name)
+        if hf not in self.files:
+            raise ConversionError(f"{self.source}: no tensor {hf!r}")
+        t = self.files[hf].get(hf)
+        if formats.is_rotary(name):
+            t = formats.permute_from_hf(t, self.cfg.n_heads)
+        if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] > self.cfg.vocab_size:
+            t = t[: self.cfg.vocab_size]
+        return _check(name, t, shape, self.source)
+
+
+def open_reader(fmt: str, path, max_seq_len: int = 2048):
+    if fmt == "native":
+        return NativeReader(path)
+    if fmt == "meta":
+        return MetaReader(path, max_seq_len)
+    if fmt == "hf":
+        return HFReader(path)
+    raise ConversionError(f"format {fmt!r} is not one of {FORMATS}")
+
+
+def _dtype_of(reader, name, shape) -> torch.dtype:
+    return reader.tensor(name, shape).dtype
+
+
+def write_native(reader, out: Path) -> None:
+    names = formats.native_names(reader.cfg)
+    dtype = _dtype_of(reader, *names[0])
+    out.mkdir(parents=True, exist_ok=True)
+    writer = StreamingSafetensorsWriter(out / "model-pp000.safetensors.tmp", [(n, dtype, s) for n, s in names])
+    for n, s in names:
+        writer.write(n, reader.tensor(n, s).to(dtype))
+    writer.close()
+    (out / "model-pp000.safetensors.tmp").replace(out / "model-pp000.safetensors")
+    meta = {"format": FORMAT, "version": 1, "step": 0, "consumed_samples": 0, "adam_step": 0,
+            "layout": {"tp": 1, "pp": 1, "dp": 1, "distributed_optimizer": False},
+            "config": {"model": asdict(reader.cfg)}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def write_hf(reader, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    names = formats.native_names(reader.cfg)
+    dtype = _dtype_of(reader, *names[0])
+    size = torch.empty((), dtype=dtype).element_size()
+    groups, current, total = [], [], 0
+    for n, s in names:  # files of at most max_shard_bytes, as transformers shards
+        nbytes = torch.Size(s).numel() * size
+        if current and total + nbytes > max_shard_bytes:
+            groups.append(current)
+            current, total = [], 0
+        current.append((n, s))
+        total += nbytes
+    groups.append(current)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map = {}
+    for fname, group in zip(files, groups):
+        specs = [(formats.to_hf_name(n), dtype, s) for n, s in group]
+        writer = StreamingSafetensorsWriter(out / (fname + ".tmp"), specs, {"format": "pt"})
+        for n, s in group:
+            t = reader.tensor(n, s).to(dtype)
+            writer.write(formats.to_hf_name(n), formats.permute_to_hf(t, reader.cfg.n_heads)
+                         if formats.is_rotary(n) else t)
+            weight_map[formats.to_hf_name(n)] = fname
+        writer.close()
+        (out / (fname + ".tmp")).replace(out / fname)
+    if len(groups) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = formats.hf_config(reader.cfg)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def write_meta(reader, out: Path, tp: int = 1) -> None:
+    cfg = reader.cfg
+    names = formats.native_names(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for dim_name, value in (("dim", cfg.dim), ("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
+        if value % tp:
+            raise ConversionError(f"{dim_name}={value} is not divisible by --tp {tp}")
+    padded_vocab = -(-cfg.vocab_size // tp) * tp
+    for rank in range(tp):  # one shard file in memory at a time
+        shard = {}
+        for n, s in names:
+            t = reader.tensor(n, s)
+            if n in ("tok_embeddings.weight", "output.weight") and padded_vocab > cfg.vocab_size:
+                t = torch.cat([t, t.new_zeros(padded_vocab - cfg.vocab_size, t.shape[1])])
+            dim = formats.meta_split_dim(n)
+            shard[n] = (t if dim is None else t.chunk(tp, dim)[rank]).clone()
+        tmp = out / f"consolidated.{rank:02d}.pth.tmp"
+        torch.save(shard, tmp)
+        tmp.replace(out / f"consolidated.{rank:02d}.pth")
+        del shard
+    (out / "params.json").write_text(json.dumps(formats.meta_params(cfg)))
+
+
+def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int = 2048) -> dict:
+    """Convert; returns the config and the process's peak resident memory."""
+    if dst_fmt not in FORMATS:
+        raise ConversionError(f"format {dst_fmt!r} is not one of {FORMATS}")
+    reader = open_reader(src_fmt, src, max_seq_len)
+    dst = Path(dst)
+    if dst_fmt == "native":
+        write_native(reader, dst)
+    elif dst_fmt == "hf":
+        write_hf(reader, dst)
+    else:
+        write_meta(reader, dst, tp)
+    largest = max(torch.Size(s).numel() for _, s in formats.native_names(reader.cfg))
+    return {"config": reader.cfg, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "largest_tensor_elements": largest}

@@ -1,0 +1,121 @@
+"""Checkpoint conversion: exact round trips through every format, and a model from transformers
+running at tp=2 × pp=2 with transformers' own logits."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama.config import LlamaConfig
+from llama.convert import ConversionError, convert
+from llama.convert_cli import main as convert_main
+from llama.parallelize import activation_shape, build_chunks
+from parallel.checkpoint import load_checkpoint
+from parallel.pipeline.p2p import PipelineP2P
+from tests.distributed import run_on_ranks, topology
+
+CFG = LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=250, multiple_of=16, max_seq_len=64)
+
+
+def _hf_model(path):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(hidden_size=CFG.dim, intermediate_size=CFG.ffn_dim, num_hidden_layers=CFG.n_layers,
+              num_attention_heads=CFG.n_heads, num_key_value_heads=CFG.n_heads, rms_norm_eps=CFG.norm_eps,
+              vocab_size=CFG.vocab_size, max_position_embeddings=CFG.max_seq_len, tie_word_embeddings=False,
+              attention_bias=False, mlp_bias=False)
+    try:
+        config = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
+    except TypeError:
+        config = transformers.LlamaConfig(rope_theta=10000.0, **kw)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms that are not all ones, so a misplaced norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    model.save_pretrained(path)
+    return model
+
+
+def _same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_hf_to_native_to_hf_is_exact(tmp_path):
+    _hf_model(tmp_path / "hf")
+    convert("hf", tmp_path / "hf", "native", tmp_path / "native")
+    convert("native", tmp_path / "native", "hf", tmp_path / "hf2")
+    _same_tensors(load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors"))
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["intermediate_size"] == CFG.ffn_dim
+
+
+def test_meta_tp2_to_native_to_meta_tp2_is_exact(tmp_path):
+    _hf_model(tmp_path / "hf")
+    convert("hf", tmp_path / "hf", "meta", tmp_path / "meta", tp=2)  # vocab 250 splits evenly over 2
+    convert("meta", tmp_path / "meta", "native", tmp_path / "native")
+    convert("native", tmp_path / "native", "meta", tmp_path / "meta2", tp=2)
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "meta" / f"consolidated.0{rank}.pth", weights_only=True)
+        b = torch.load(tmp_path / "meta2" / f"consolidated.0{rank}.pth", weights_only=True)
+        _same_tensors(a, b)
+        assert a["tok_embeddings.weight"].shape == (250, 32) and a["output.weight"].shape == (125, 64)
+        assert a["layers.0.attention.wo.weight"].shape == (64, 32)
+    assert json.loads((tmp_path / "meta2" / "params.json").read_text())["vocab_size"] == 250
+
+
+def test_meta_with_a_vocabulary_that_needs_padding(tmp_path):
+    _hf_model(tmp_path / "hf")
+    convert("hf", tmp_path / "hf", "meta", tmp_path / "meta", tp=4)  # 250 rows → 252, zeros at the end
+    shard = torch.load(tmp_path / "meta" / "consolidated.03.pth", weights_only=True)
+    assert shard["output.weight"].shape == (63, 64) and torch.all(shard["output.weight"][-2:] == 0)
+    convert("meta", tmp_path / "meta", "hf", tmp_path / "hf2")
+    _same_tensors(load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors"))
+
+
+def _pipeline_logits(path, tokens):
+    topo = topology(tp=2, pp=2)
+    (chunk,) = build_chunks(CFG, topo, seed=0, attention="sdpa")
+    load_checkpoint(path, [chunk], None, topo, weights_only=True)
+    p2p = PipelineP2P(topo)
+    p2p.handshake(activation_shape(CFG, *tokens.shape, 2, False), torch.float32, 1, 1, 0)
+    with torch.no_grad():
+        if topo.is_first_stage:
+            p2p.send(chunk(tokens), +1, 1)
+            p2p.flush()
+            return None
+        return chunk.gather_logits(chunk(p2p.recv(-1, 1)))
+
+
+def test_a_transformers_model_converted_to_native_gives_its_logits_at_tp2_pp2(tmp_path):
+    model = _hf_model(tmp_path / "hf")
+    convert("hf", tmp_path / "hf", "native", tmp_path / "native")
+    tokens = torch.randint(0, CFG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(tokens).logits
+    got = [x for x in run_on_ranks(_pipeline_logits, 4, str(tmp_path / "native"), tokens) if x is not None]
+    assert len(got) == 2  # the two tp ranks of the last stage
+    for logits in got:
+        assert (logits - want).abs().max().item() <= 1e-5
+
+
+def test_bad_inputs_fail_with_the_file_and_the_rule(tmp_path, capsys):
+    _hf_model(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["intermediate_size"] += 16
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"mlp.gate_proj|feed_forward.w1.weight has shape \(176, 64\), the "
+                                              r"config says \(192, 64\)"):
+        convert("hf", tmp_path / "hf", "native", tmp_path / "native")
+    config["intermediate_size"] -= 16
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    raw = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(raw[:-100])
+    assert convert_main(["--from", "hf", "--to", "native", "--input", str(tmp_path / "hf"),
+                         "--output", str(tmp_path / "n2")]) == 2
+    assert "model.safetensors' is truncated" in capsys.readouterr().err
+    (tmp_path / "hf" / "model.safetensors").write_bytes(raw)
+    assert convert_main(["--from", "hf", "--to", "meta", "--input", str(tmp_path / "hf"),
+                         "--output", str(tmp_path / "m"), "--tp", "2"]) == 0
+    assert "peak memory" in capsys.readouterr().out
