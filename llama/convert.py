@@ -207,5 +207,14 @@ def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int 
     else:
         write_meta(reader, dst, tp)
     largest = max(torch.Size(s).numel() for _, s in formats.native_names(reader.cfg))
-    return {"config": reader.cfg, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "largest_tensor_elements": largest}
+    return {"config": reader.cfg, "peak_rss_bytes": peak_rss_bytes(), "largest_tensor_elements": largest}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM on Linux: unlike ru_maxrss, not inherited
+    from the process that exec'ed us)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
