@@ -22,6 +22,8 @@ setup(
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "transformers>=4.40", "ruff>=0.5"],
         "mpi": ["mpi4py>=3.1"],
         "xformers": ["xformers>=0.0.23"],
+        "plot": ["matplotlib>=3.6"],
     },
-    entry_points={"console_scripts": ["llama-train=llama.train:main", "llama-convert=llama.convert_cli:main"]},
+    entry_points={"console_scripts": ["llama-train=llama.train:main", "llama-convert=llama.convert_cli:main",
+                                      "llama-generate=llama.generate:main", "llama-eval=llama.evaluate:main"]},
 )

@@ -69,8 +69,9 @@ def build_demo(out_dir: str | Path, vocab_size: int = 4096, max_bytes: int = 2_0
     """The demo's two sources, its tokenizer and its shards, from nothing but Python itself:
 
         OUT/prose.jsonl, OUT/code.jsonl      one document per docstring / per stdlib file
-        OUT/tokenizer.model                  SentencePiece BPE trained on both
-        OUT/prose.{bin,idx}, OUT/code.{bin,idx}
+        OUT/prose-valid.jsonl                every 20th docstring, held out for evaluation
+        OUT/tokenizer.model                  SentencePiece BPE trained on the training text
+        OUT/prose.{bin,idx}, OUT/code.{bin,idx}, OUT/prose-valid.{bin,idx}
     """
     from llama.preprocess import iter_documents, preprocess
     from llama.tokenizer import train_tokenizer
@@ -79,12 +80,13 @@ def build_demo(out_dir: str | Path, vocab_size: int = 4096, max_bytes: int = 2_0
     prose = [d for path in stdlib_files() for d in docstrings(path)]
     prose = _take(prose, max_bytes)
     code = _take((p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()), max_bytes)
-    write_jsonl(out / "prose.jsonl", prose)
+    write_jsonl(out / "prose.jsonl", [d for i, d in enumerate(prose) if i % 20 != 19])
+    write_jsonl(out / "prose-valid.jsonl", prose[19::20])
     write_jsonl(out / "code.jsonl", code)
     docs = list(iter_documents([out / "prose.jsonl", out / "code.jsonl"]))
     tokenizer = train_tokenizer(docs, out / "tokenizer", vocab_size=vocab_size)
     stats = {name: preprocess([out / f"{name}.jsonl"], tokenizer, out / name, workers=workers, progress=progress)
-             for name in ("prose", "code")}
+             for name in ("prose", "code", "prose-valid")}
     return {"tokenizer": str(tokenizer), **stats}
 
 

@@ -53,3 +53,18 @@ def train_tokenizer(texts, model_prefix: str | Path, vocab_size: int = 32000, th
     tmp.write_bytes(model.getvalue())
     tmp.replace(path)
     return path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0–255 (the trainer's fallback corpus): no BOS, no EOS."""
+    vocab_size, bos_id, eos_id = 256, None, None
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def check_fits(self, vocab_size: int) -> None:
+        if vocab_size < 256:
+            raise TokenizerError(f"byte tokens need model.vocab_size >= 256, not {vocab_size}")

@@ -180,7 +180,8 @@ class _Index:
 
 def load_checkpoint(path, modules, optimizer, topo, weights_only: bool = False) -> dict:
     """Load a checkpoint saved at any layout into this rank's modules (and optimizer). Returns
-    its meta.json. `weights_only` skips optimizer state and RNG (fine-tuning, evaluation)."""
+    its meta.json. `weights_only` skips optimizer state and RNG (fine-tuning, evaluation); then
+    `topo` may be None."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     index = _Index(path, "model")
@@ -192,10 +193,12 @@ def load_checkpoint(path, modules, optimizer, topo, weights_only: bool = False) 
             optimizer.masters_from_params()
         else:
             _load_optimizer(path, optimizer, _bucket_layout(optimizer, modules), meta["adam_step"])
+    if weights_only or topo is None:
+        return meta
     same_layout = meta["layout"] == {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
                                      "distributed_optimizer": bool(optimizer and optimizer.distributed)}
     rng = path / "rng" / f"rank{topo.rank:05d}.pt"
-    if same_layout and not weights_only and rng.is_file():
+    if same_layout and rng.is_file():
         state = torch.load(rng, weights_only=True)
         torch.set_rng_state(state["cpu"])
         if torch.cuda.is_available() and state["cuda"].numel():

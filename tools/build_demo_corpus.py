@@ -24,12 +24,12 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when complete")
     args = parser.parse_args()
     done = Path(args.out) / "BUILD.json"
-    want = {"vocab_size": args.vocab_size, "max_mb": args.max_mb, "python": sys.version.split()[0]}
+    want = {"vocab_size": args.vocab_size, "max_mb": args.max_mb, "python": sys.version.split()[0], "layout": 2}
     if done.is_file() and not args.force and json.loads(done.read_text()).get("options") == want:
         print(f"demo corpus already built in {args.out}")
         return 0
     stats = build_demo(args.out, args.vocab_size, int(args.max_mb * 1e6), args.workers)
-    for name in ("prose", "code"):
+    for name in ("prose", "code", "prose-valid"):
         s = stats[name]
         print(f"{name}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['mb_per_s']:.1f} MB/s")
     done.write_text(json.dumps({"options": want, "stats": stats}, indent=1))

@@ -1,0 +1,103 @@
+"""One CPU process: a training step (forward, backward, AdamW) of our LLaMA against transformers'
+LlamaForCausalLM with the same config, weights, batch, dtype and thread count.
+
+    python -m benchmarks.vs_transformers [--dim 512 --layers 8 --batch 4 --seq 256 --steps 6]
+
+Both models run in this process, steps interleaved, so machine noise hits both; the table
+shows the median step time and the ratio ours / theirs (target ≤ 0.85). Ours is the trainer's
+step: gradients into fp32 buckets, AdamW on fp32 master weights; theirs is AdamW on the module.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from llama.config import LlamaConfig
+from llama.formats import is_rotary, permute_to_hf, to_hf_name
+from llama.model import Transformer
+from parallel.data_parallel import GradBuckets
+from parallel.optimizer import Optimizer
+from parallel.params import init_parameters
+from parallel.topology import build_topology
+
+
+def hf_model(cfg: LlamaConfig, ours: Transformer, dtype):
+    import transformers
+    kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, rms_norm_eps=cfg.norm_eps,
+              vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False)
+    try:
+        config = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **kw)
+    except TypeError:
+        config = transformers.LlamaConfig(rope_theta=cfg.rope_theta, **kw)
+    config._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    state = {to_hf_name(n): (permute_to_hf(p.detach(), cfg.n_heads) if is_rotary(n) else p.detach()).clone()
+             for n, p in ours.named_parameters()}
+    model.load_state_dict(state, strict=False)
+    return model.train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
+                      multiple_of=64, max_seq_len=args.seq)
+    ours = Transformer(cfg, attention="sdpa", dtype=dtype)
+    init_parameters(ours, 0)
+    theirs = hf_model(cfg, ours, dtype)
+    buckets = GradBuckets(list(ours.parameters()), None)
+    our_opt = Optimizer(buckets, build_topology(), lr=1e-4, grad_clip=1e9)
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def our_step():
+        buckets.start_step(1)
+        loss = ours(x, y)
+        loss.backward()
+        our_opt.step(1e-4)
+        return loss.item()
+
+    def their_step():
+        logits = theirs(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), y.reshape(-1))
+        loss.backward()
+        their_opt.step()
+        their_opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    first = (our_step(), their_step())  # warm-up, and the same loss from the same weights
+    times = {"ours": [], "transformers": []}
+    for step in range(args.steps):
+        for name, fn in (("ours", our_step), ("transformers", their_step))[:: 1 if step % 2 else -1]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"LLaMA dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
+          f"({cfg.num_params() / 1e6:.1f}M params), batch {args.batch}x{args.seq}, {args.dtype}, "
+          f"{args.threads} threads, median of {args.steps} steps")
+    print(f"first-step loss: ours {first[0]:.5f}, transformers {first[1]:.5f}")
+    print(f"{'':>14} {'step (s)':>9} {'tokens/s':>9}")
+    for k, v in med.items():
+        print(f"{k:>14} {v:>9.3f} {args.batch * args.seq / v:>9.0f}")
+    print(f"ratio ours / transformers: {med['ours'] / med['transformers']:.3f} (target <= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Evaluation with the paper's protocol (section 3): perplexity on a token shard, zero- and
+few-shot multiple choice, and greedy-generation exact match.
+
+Task files are JSONL, one example per line:
+
+    multiple choice   {"context": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}
+    short answer      {"context": "Q: What is the capital of France?\\nA:", "answers": ["Paris"]}
+
+Multiple choice picks the completion with the highest likelihood given the context, normalised
+(`--normalization`) by its number of characters (`char`, the paper's default), by its
+likelihood given "Answer:" as context (`answer`: log P(c | context) − log P(c | "Answer:"), the
+paper's choice for OpenBookQA and BoolQ), or not at all (`none`). Few-shot (`--shots k`) puts k
+solved examples before the context, separated by blank lines. Short answers are generated
+greedily up to a newline and compared after SQuAD's normalisation (case, punctuation, articles).
+
+    llama-eval --checkpoint runs/demo/ckpt --tokenizer data/demo/tokenizer.model \\
+        --perplexity data/demo/prose-valid --task tasks/mc.jsonl --shots 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import string
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama.generate import generate
+from llama.shards import Shard
+
+NORMALIZATIONS = ("char", "answer", "none")
+
+
+def read_tasks(path) -> list[dict]:
+    examples = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        ex = json.loads(line)
+        if "context" not in ex or not ("choices" in ex or "answers" in ex):
+            raise ValueError(f"{path}:{n}: an example needs 'context' and 'choices' (+ 'answer') or 'answers'")
+        if "choices" in ex and not 0 <= ex.get("answer", -1) < len(ex["choices"]):
+            raise ValueError(f"{path}:{n}: 'answer' must index 'choices'")
+        examples.append(ex)
+    return examples
+
+
+@torch.no_grad()
+def continuation_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
+    """Σ log P(continuation tokens | context) and the number of continuation tokens.
+
+    The continuation's tokens are those of encode(context + continuation) past the context's own
+    (lm-evaluation-harness's convention), so tokens are what the model would have seen."""
+    ctx = tokenizer.encode(context, bos=tokenizer.bos_id is not None)
+    full = tokenizer.encode(context + continuation, bos=tokenizer.bos_id is not None)
+    split = len(ctx)
+    while split > 0 and full[:split] != ctx[:split]:  # a merge across the boundary: split earlier
+        split -= 1
+    split = max(split, 1)  # the first token has no prediction
+    ids = torch.tensor([full], device=model.output.weight.device)
+    logits = model.gather_logits(model(ids)).float()[0]
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    targets = ids[0, 1:]
+    picked = logp.gather(-1, targets[:, None])[:, 0]
+    return picked[split - 1:].sum().item(), len(full) - split
+
+
+def few_shot_prefix(shots: list[dict]) -> str:
+    return "".join(f"{ex['context']}{ex['choices'][ex['answer']]}\n\n" if "choices" in ex else
+                   f"{ex['context']} {ex['answers'][0]}\n\n" for ex in shots)
+
+
+def multiple_choice(model, tokenizer, examples: list[dict], shots: int = 0, normalization: str = "char",
+                    seed: int = 0, pool: list[dict] | None = None) -> dict:
+    """Accuracy with the paper's protocol; `pool` gives the few-shot examples (default: the
+    other examples of the task)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
+    rng = random.Random(seed)
+    correct, details = 0, []
+    for i, ex in enumerate(examples):
+        candidates = [e for j, e in enumerate(pool or examples) if pool is not None or j != i]
+        prefix = few_shot_prefix(rng.sample(candidates, min(shots, len(candidates)))) if shots else ""
+        scores = []
+        for choice in ex["choices"]:
+            logp, _ = continuation_logprob(model, tokenizer, prefix + ex["context"], choice)
+            if normalization == "char":
+                logp /= max(1, len(choice))
+            elif normalization == "answer":
+                logp -= continuation_logprob(model, tokenizer, "Answer:", choice)[0]
+            scores.append(logp)
+        pick = int(np.argmax(scores))
+        correct += pick == ex["answer"]
+        details.append({"scores": scores, "pick": pick, "answer": ex["answer"]})
+    return {"accuracy": correct / len(examples), "examples": len(examples), "details": details}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16, shots: int = 0,
+                seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    correct, details = 0, []
+    for i, ex in enumerate(examples):
+        others = [e for j, e in enumerate(examples) if j != i]
+        prefix = few_shot_prefix(rng.sample(others, min(shots, len(others)))) if shots else ""
+        prompt = tokenizer.encode(prefix + ex["context"], bos=tokenizer.bos_id is not None)
+        new = generate(model, [prompt], max_new_tokens, tokenizer.eos_id)[0]
+        text = tokenizer.decode(new).split("\n")[0]
+        hit = any(normalize_answer(text) == normalize_answer(a) for a in ex["answers"])
+        correct += hit
+        details.append({"generated": text, "correct": hit})
+    return {"exact_match": correct / len(examples), "examples": len(examples), "details": details}
+
+
+@torch.no_grad()
+def perplexity(model, shard_prefix, seq_len: int, max_windows: int | None = None, batch: int = 8) -> dict:
+    """exp(mean next-token loss) over consecutive windows of the shard's token stream."""
+    shard = Shard(shard_prefix)
+    shard.check_vocab(model.cfg.vocab_size)
+    n = (shard.n_tokens - 1) // seq_len
+    n = min(n, max_windows) if max_windows else n
+    if n < 1:
+        raise ValueError(f"shard {shard_prefix} has {shard.n_tokens} tokens, fewer than one window of {seq_len + 1}")
+    total, count = 0.0, 0
+    device = model.output.weight.device
+    for start in range(0, n, batch):
+        rows = [np.asarray(shard.tokens[k * seq_len:k * seq_len + seq_len + 1], dtype=np.int64)
+                for k in range(start, min(n, start + batch))]
+        ids = torch.from_numpy(np.stack(rows)).to(device)
+        loss = model(ids[:, :-1], ids[:, 1:])
+        total += loss.item() * ids[:, 1:].numel()
+        count += ids[:, 1:].numel()
+    return {"perplexity": math.exp(total / count), "loss": total / count, "tokens": count}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--format", default="native", choices=["native", "meta", "hf"])
+    parser.add_argument("--tokenizer", help="SentencePiece model (needed for --task)")
+    parser.add_argument("--perplexity", metavar="SHARD", help="a token shard prefix (PREFIX.bin/.idx)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--max-windows", type=int)
+    parser.add_argument("--task", action="append", default=[], help="a JSONL task file (repeatable)")
+    parser.add_argument("--shots", type=int, default=0)
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default="char")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--tp", type=int, default=1)
+    args = parser.parse_args(argv)
+    from launcher.init import initialize
+    from llama.generate import load_model
+    from llama.shards import ShardError
+    from llama.tokenizer import Tokenizer, TokenizerError
+    from parallel.checkpoint import CheckpointError
+    from parallel.layers import TensorParallel
+    try:
+        topo = initialize(tp=args.tp)
+        model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group))
+        results = {}
+        if args.perplexity:
+            results["perplexity"] = perplexity(model, args.perplexity, args.seq_len, args.max_windows)
+        if args.task and not args.tokenizer:
+            raise ValueError("--task needs --tokenizer")
+        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+        for path in args.task:
+            examples = read_tasks(path)
+            if "choices" in examples[0]:
+                r = multiple_choice(model, tokenizer, examples, args.shots, args.normalization)
+            else:
+                r = exact_match(model, tokenizer, examples, args.max_new_tokens, args.shots)
+            results[path] = {k: v for k, v in r.items() if k != "details"}
+    except (CheckpointError, ShardError, TokenizerError, ValueError) as err:
+        print(f"llama-eval: error: {err}", file=sys.stderr)
+        return 2
+    if topo.rank == 0:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
