@@ -5,7 +5,10 @@ LlamaForCausalLM with the same config, weights, batch, dtype and thread count.
 
 Both models run in this process, steps interleaved, so machine noise hits both; the table
 shows the median step time and the ratio ours / theirs (target ≤ 0.85). Ours is the trainer's
-step: gradients into fp32 buckets, AdamW on fp32 master weights; theirs is AdamW on the module.
+step: gradients into fp32 buckets, AdamW on fp32 master weights. Theirs is fused AdamW on the
+module; in bf16 two ways: `amp`, how transformers' Trainer trains in bf16 (fp32 parameters,
+autocast to bf16: the same mixed precision as ours), and `pure` (bf16 parameters and AdamW
+state: cheaper, but it loses small updates, which is why nobody trains LLMs that way).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from parallel.topology import build_topology
 
 
 def hf_model(cfg: LlamaConfig, ours: Transformer, dtype):
+    """transformers' LlamaForCausalLM with our weights (q/k rows permuted to its convention)."""
     import transformers
     kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, rms_norm_eps=cfg.norm_eps,
@@ -49,9 +53,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--hf-bf16", choices=["amp", "pure"], default="amp",
+                        help="how transformers trains in bf16 (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -59,7 +65,8 @@ def main() -> None:
                       multiple_of=64, max_seq_len=args.seq)
     ours = Transformer(cfg, attention="sdpa", dtype=dtype)
     init_parameters(ours, 0)
-    theirs = hf_model(cfg, ours, dtype)
+    amp = dtype == torch.bfloat16 and args.hf_bf16 == "amp"
+    theirs = hf_model(cfg, ours, torch.float32 if amp else dtype)
     buckets = GradBuckets(list(ours.parameters()), None)
     our_opt = Optimizer(buckets, build_topology(), lr=1e-4, grad_clip=1e9)
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -74,7 +81,8 @@ def main() -> None:
         return loss.item()
 
     def their_step():
-        logits = theirs(input_ids=x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = theirs(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), y.reshape(-1))
         loss.backward()
         their_opt.step()
@@ -91,7 +99,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"LLaMA dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
           f"({cfg.num_params() / 1e6:.1f}M params), batch {args.batch}x{args.seq}, {args.dtype}, "
-          f"{args.threads} threads, median of {args.steps} steps")
+          f"{args.threads} threads, median of {args.steps} steps"
+          + (f"; transformers in bf16 {'AMP' if amp else 'pure'}" if dtype == torch.bfloat16 else ""))
     print(f"first-step loss: ours {first[0]:.5f}, transformers {first[1]:.5f}")
     print(f"{'':>14} {'step (s)':>9} {'tokens/s':>9}")
     for k, v in med.items():

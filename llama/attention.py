@@ -30,11 +30,13 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the angles of cos/sin [seq, head_dim/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the angles of cos/sin [seq, head_dim/2].
+
+    The tables are fp32; the product runs in x's dtype (in bf16 as Hugging Face's code does,
+    where Meta's upcasts: the upcast costs two full copies of q and k per layer)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
 @functools.cache

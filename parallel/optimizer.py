@@ -72,10 +72,9 @@ class Optimizer:
         return sum(per) * 3
 
     def global_grad_norm(self, grads) -> float:
-        sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-        for g, slices in zip(grads, self.norm_slices):
-            for s in slices:
-                sq += g[s].double().pow(2).sum()
+        pieces = [g[s] for g, slices in zip(grads, self.norm_slices) for s in slices]
+        norms = torch._foreach_norm(pieces) if pieces else [torch.zeros((), device=grads[0].device)]
+        sq = torch.stack([n.double() for n in norms]).pow(2).sum()
         comm.all_reduce(sq, self.topo.mp_group, name="norm_all_reduce")
         if self.distributed:  # each dp rank holds a different slice
             comm.all_reduce(sq, self.topo.dp_group, name="norm_all_reduce")
