@@ -37,9 +37,11 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous()
-        comm.all_reduce(x, group)
-        return x
+        # Out of place: under selective recompute the matmul output x is cached and handed out
+        # again when the layer is recomputed; summing into it would sum it twice.
+        out = x.clone(memory_format=torch.contiguous_format)
+        comm.all_reduce(out, group)
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -65,8 +65,9 @@ def test_model_matches_tp1(tp_size, sp):
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_recompute_under_tensor_and_sequence_parallelism(recompute):
-    run_on_ranks(_model_equals_one_process, 2, 2, True, recompute)
+@pytest.mark.parametrize("sp", [False, True])
+def test_recompute_under_tensor_and_sequence_parallelism(recompute, sp):
+    run_on_ranks(_model_equals_one_process, 2, 2, sp, recompute)
 
 
 def _bad_layout(tp_size, cfg, seq_len, sp):
