@@ -40,3 +40,61 @@ def _layer_traffic(tp_size, sp):
 def test_one_layer_moves_what_the_formula_says(sp):
     measured = run_on_ranks(_layer_traffic, 2, 2, sp)[0]
     assert measured == expected_bytes(B, S, H, sp)
+
+
+PP_CFG = dict(dim=H, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=S)
+
+
+def _pipeline_traffic(m):
+    from llama.parallelize import activation_shape, build_chunks
+    from parallel.pipeline.p2p import PipelineP2P
+    from parallel.pipeline.schedules import run_schedule, schedule_order
+    cfg = LlamaConfig(**PP_CFG)
+    topo = topology(pp=2)
+    chunks = build_chunks(cfg, topo, seed=0, attention="sdpa")
+    micro = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, 64, (m, B, S + 1))]
+    comm.reset_traffic()
+    run_schedule(schedule_order("1f1b", m, 2, topo.pp_rank), chunks, micro, PipelineP2P(topo), 2, topo.pp_rank,
+                 activation_shape(cfg, B, S, 1, False), torch.float32)
+    return dict(comm.TRAFFIC)
+
+
+def test_pipeline_moves_one_activation_and_one_gradient_per_micro_batch():
+    m = 3
+    sent = run_on_ranks(_pipeline_traffic, 2, m)
+    assert sent[0] == {"p2p": m * B * S * H * 4}  # stage 0 sends activations forward
+    assert sent[1] == {"p2p": m * B * S * H * 4}  # stage 1 sends their gradients back
+
+
+def _data_parallel_traffic(distributed):
+    from llama.model import Transformer
+    from parallel.data_parallel import GradBuckets
+    from parallel.optimizer import Optimizer
+    cfg = LlamaConfig(**PP_CFG)
+    topo = topology(tp=1, pp=1)  # dp = 2
+    model = Transformer(cfg, attention="sdpa")
+    init_parameters(model, 0)
+    buckets = GradBuckets(list(model.parameters()), topo.dp_group, bucket_mb=0.01, reduce_scatter=distributed)
+    opt = Optimizer(buckets, topo, 1e-3, distributed=distributed)
+    buckets.start_step(1)
+    tokens = torch.randint(0, 64, (B, S + 1))
+    comm.reset_traffic()
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    opt.step(1e-3)
+    padded = sum(b.numel for b in buckets.buckets)
+    n_params = sum(p.numel() for p in model.parameters())
+    return dict(comm.TRAFFIC), padded, n_params
+
+
+def expected_dp_bytes(padded_numel, distributed, elt=4):
+    if distributed:  # ZeRO-1: reduce-scatter the gradients, all-gather the parameters
+        return {"reduce_scatter": padded_numel * elt, "all_gather": padded_numel * elt}
+    return {"all_reduce": padded_numel * elt}
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_data_parallel_moves_the_gradients_once(distributed):
+    traffic, padded, n_params = run_on_ranks(_data_parallel_traffic, 2, distributed)[0]
+    assert padded - n_params < 2 * 16  # padding to a multiple of dp per bucket, no more
+    norm = {k: v for k, v in traffic.items() if k == "norm_all_reduce"}
+    assert {k: v for k, v in traffic.items() if k not in norm} == expected_dp_bytes(padded, distributed)
