@@ -64,7 +64,8 @@ class Shard:
         idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         for f in (idx, bin_):
             if not f.is_file():
-                raise ShardError(f"shard file {str(f)!r} does not exist (build it with tools/preprocess_data.py)")
+                raise ShardError(f"shard file {str(f)!r} does not exist: build it with tools/preprocess_data.py "
+                                 "(the demo's: python tools/build_demo_corpus.py --out data/demo)")
         raw = idx.read_bytes()
         if len(raw) < _HEADER.size or raw[:8] != MAGIC:
             raise ShardError(f"{str(idx)!r} is not a token-shard index (bad header)")
