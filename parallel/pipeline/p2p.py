@@ -1,10 +1,12 @@
 """Activations forward and gradients backward between pipeline stages, with batch_isend_irecv.
 
-Every transfer carries a tag naming (micro-batch, virtual stage, direction), so a receive can
-only match the send it is meant for, whatever order the two ranks post them in. Sends are
-posted and not waited for until the end of the step (`flush`): a rank only ever blocks on a
-receive, and a valid schedule's receives form no cycle, so no order of posting can deadlock,
-including gloo's blocking-send-against-blocking-send case.
+Every transfer carries a tag naming (micro-batch, virtual stage, direction), so on gloo a
+receive can only match the send it is meant for. A send is not posted on its own: it waits
+and is posted together with this rank's next receive, in one `batch_isend_irecv` (an NCCL
+group), as Megatron-LM pairs send-forward with receive-backward; what is left is posted at the
+end of the step (`flush`). So a rank only ever blocks on a receive, never on a send, and two
+neighbours cannot deadlock sending to each other at once (gloo's blocking send against blocking
+send; NCCL's sends, which may wait for the matching receive and match in order, not by tag).
 
 Before the first transfer, and whenever the activation shape changes, neighbours exchange a
 header (activation shape and dtype, micro-batches, vpp, schedule) and both raise the same clear
@@ -40,6 +42,7 @@ class PipelineP2P:
         self.group = topo.pp_group
         self.pp, self.pp_rank, self.ranks = topo.pp, topo.pp_rank, topo.pp_ranks
         self.ring = ring
+        self.unposted: list = []         # sends waiting to go out with the next receive
         self.pending: list = []          # send handles, waited for in flush()
         self.pending_tensors: list = []  # what those sends read: alive until sent
         self.device = None
@@ -86,19 +89,32 @@ class PipelineP2P:
                                         f"the pipeline agreed on {expected[0]} {expected[1]}")
         tensor = tensor.detach().contiguous()
         comm._record("p2p", tensor)
-        self.pending += dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, self.peer(offset), self.group, tag)])
-        self.pending_tensors.append(tensor)
+        self.unposted.append(dist.P2POp(dist.isend, tensor, self.peer(offset), self.group, tag))
+
+    def _post(self, ops) -> list:
+        """Post the waiting sends with `ops`; returns the handles to wait on for `ops`."""
+        everything = self.unposted + ops
+        works = dist.batch_isend_irecv(everything)
+        n_sends = len(self.unposted)
+        self.pending_tensors += [op.tensor for op in self.unposted]  # alive until sent
+        self.unposted = []
+        if len(works) != len(everything):  # NCCL coalesces the group into one handle
+            return works
+        self.pending += works[:n_sends]
+        return works[n_sends:]
 
     def recv(self, offset: int, tag: int) -> torch.Tensor:
         out = torch.empty(self.header[:3], dtype=DTYPES[self.header[3]], device=self.device)
         start = time.perf_counter()
-        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, out, self.peer(offset), self.group, tag)]):
+        for work in self._post([dist.P2POp(dist.irecv, out, self.peer(offset), self.group, tag)]):
             work.wait()
         self.wait_s += time.perf_counter() - start
         return out
 
     def flush(self) -> None:
-        """Wait for every send posted this step."""
+        """Post what is left and wait for every send of this step."""
+        if self.unposted:
+            self._post([])
         for work in self.pending:
             work.wait()
         self.pending, self.pending_tensors = [], []

@@ -140,3 +140,93 @@ def test_a_stage_that_dies_is_an_error_on_every_rank():
     assert out[2] == "exit code 3"
     for rank in (0, 1, 3):
         assert out[rank] != "ok" and out[rank].split(":")[0] in ("RuntimeError", "DistBackendError"), out
+
+
+class _RecordingP2P:
+    """The executor's transfers, recorded as NCCL would see them: a rank's sequence of groups."""
+
+    def __init__(self, pp, pp_rank):
+        self.pp, self.pp_rank, self.groups, self.unposted, self.wait_s = pp, pp_rank, [], [], 0.0
+
+    def handshake(self, *args, **kwargs):
+        pass
+
+    def send(self, tensor, offset, tag):
+        self.unposted.append(("send", (self.pp_rank + offset) % self.pp, tag))
+
+    def recv(self, offset, tag):
+        self.groups.append(self.unposted + [("recv", (self.pp_rank + offset) % self.pp, tag)])
+        self.unposted = []
+        return torch.zeros(1, 3)
+
+    def flush(self):
+        if self.unposted:
+            self.groups.append(self.unposted)
+        self.unposted = []
+
+
+class _TinyChunk(torch.nn.Module):
+    def __init__(self, first, last):
+        super().__init__()
+        self.first_stage, self.last_stage, self.w = first, last, torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x, targets=None):
+        h = (x.float() if self.first_stage else x) * self.w
+        return h.sum() if self.last_stage else h
+
+
+def _nccl_deadlocks(groups_by_rank) -> bool:
+    """Strict rendezvous: every send waits for its receive; per (src, dst) sends and receives match
+    in order (NCCL ignores tags); a rank runs its groups one after another. True if stuck."""
+    pos = {r: 0 for r in groups_by_rank}
+    matched = {r: set() for r in groups_by_rank}
+
+    def head(r):
+        return groups_by_rank[r][pos[r]] if pos[r] < len(groups_by_rank[r]) else None
+
+    progress = True
+    while progress:
+        progress = False
+        for r in groups_by_rank:
+            group = head(r)
+            if group is None:
+                continue
+            for i, (kind, peer, tag) in enumerate(group):
+                if kind != "send" or i in matched[r] or head(peer) is None:
+                    continue
+                # the first unmatched send r→peer must meet the first unmatched recv peer←r
+                if any(k == "send" and p == peer and j not in matched[r] for j, (k, p, _) in enumerate(group[:i])):
+                    continue
+                for j, (k2, p2, tag2) in enumerate(head(peer)):
+                    if k2 == "recv" and p2 == r and j not in matched[peer]:
+                        assert tag2 == tag, f"NCCL would pair send {tag} with receive {tag2}: out of order"
+                        matched[r].add(i)
+                        matched[peer].add(j)
+                        progress = True
+                        break
+        for r in groups_by_rank:
+            group = head(r)
+            if group is not None and len(matched[r]) == len(group):
+                pos[r] += 1
+                matched[r] = set()
+                progress = True
+    return any(head(r) is not None for r in groups_by_rank)
+
+
+def _groups(schedule, pp, vpp, m):
+    groups = {}
+    for rank in range(pp):
+        chunks = [_TinyChunk(c * pp + rank == 0, c * pp + rank == pp * vpp - 1) for c in range(vpp)]
+        p2p = _RecordingP2P(pp, rank)
+        micro = [(torch.ones(1, 3), None) for _ in range(m)]
+        run_schedule(schedule_order(schedule, m, pp, rank, vpp), chunks, micro, p2p, pp, rank, (1, 3), torch.float32)
+        groups[rank] = p2p.groups
+    return groups
+
+
+@pytest.mark.parametrize("schedule,pp,vpp,m", [("gpipe", 2, 1, 4), ("gpipe", 4, 1, 6), ("1f1b", 2, 1, 2),
+                                               ("1f1b", 4, 1, 8), ("1f1b", 4, 1, 3), ("1f1b", 8, 1, 32),
+                                               ("interleaved", 4, 2, 4)])
+def test_schedules_cannot_deadlock_even_when_sends_wait_for_receives(schedule, pp, vpp, m):
+    """NCCL's semantics, modelled strictly; on gloo every schedule is also run for real above."""
+    assert not _nccl_deadlocks(_groups(schedule, pp, vpp, m))
