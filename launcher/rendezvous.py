@@ -45,6 +45,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def routable_address(single_host: bool) -> str:
+    """This host's address for other hosts to reach: not a loopback one (Debian maps the host name
+    to 127.0.1.1), unless every rank is on this host."""
+    names = {socket.getfqdn(), socket.gethostname()}
+    found = []
+    for name in names:
+        try:
+            found += [info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)]
+        except OSError:
+            pass
+    outside = [a for a in found if not a.startswith("127.")]
+    if outside:
+        return outside[0]
+    if single_host:
+        return "127.0.0.1"
+    raise RendezvousError(f"rank 0's host name resolves only to loopback ({sorted(set(found))}): set MASTER_ADDR "
+                          "to an address the other nodes can reach")
+
+
 def _mpi_rendezvous(env: LaunchEnv) -> tuple[str, int]:
     try:
         from mpi4py import MPI
@@ -53,10 +72,16 @@ def _mpi_rendezvous(env: LaunchEnv) -> tuple[str, int]:
                               "`pip install mpi4py` so rank 0 can share its address") from None
     comm = MPI.COMM_WORLD
     mine = None
-    if comm.Get_rank() == 0:
-        addr = env.master_addr or resolve_host(socket.gethostname()) or "127.0.0.1"
-        mine = (addr, env.master_port or free_port())
-    return comm.bcast(mine, root=0)
+    if comm.Get_rank() == 0:  # what rank 0 finds, or why it cannot, goes to every rank
+        try:
+            addr = env.master_addr or routable_address(env.local_world_size == env.world_size)
+            mine = (addr, env.master_port or free_port())
+        except RendezvousError as err:
+            mine = str(err)
+    mine = comm.bcast(mine, root=0)
+    if isinstance(mine, str):
+        raise RendezvousError(mine)
+    return mine
 
 
 def rendezvous(env: LaunchEnv, slurm_step: str | None = None) -> tuple[str | None, int | None]:

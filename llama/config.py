@@ -102,6 +102,7 @@ class TrainConfig:
     sp: bool = False
     schedule: str = "1f1b"
     vpp: int = 1
+    stage_layers: list | None = None  # an uneven split: layers per (virtual) stage, e.g. [16, 16, 16, 12]
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
     bucket_mb: float = 25.0

@@ -174,6 +174,7 @@ def write_hf(reader, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
 def write_meta(reader, out: Path, tp: int = 1) -> None:
     cfg = reader.cfg
     names = formats.native_names(cfg)
+    params = formats.meta_params(cfg)  # fails before anything is written if Meta cannot express it
     out.mkdir(parents=True, exist_ok=True)
     for dim_name, value in (("dim", cfg.dim), ("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
         if value % tp:
@@ -191,7 +192,7 @@ def write_meta(reader, out: Path, tp: int = 1) -> None:
         torch.save(shard, tmp)
         tmp.replace(out / f"consolidated.{rank:02d}.pth")
         del shard
-    (out / "params.json").write_text(json.dumps(formats.meta_params(cfg)))
+    (out / "params.json").write_text(json.dumps(params))
 
 
 def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int = 2048) -> dict:

@@ -3,14 +3,13 @@ of different lengths, stopping at EOS or a token limit. Runs at any tp (pp = 1: 
 would leave all but one stage idle while decoding one token at a time).
 
     llama-generate --checkpoint runs/demo/ckpt --tokenizer data/demo/tokenizer.model \\
-        --prompt "Return the" --prompt "def main(" --max-new-tokens 40 --temperature 0.8 --top-p 0.9
+        --prompt "Return the" --prompt "def __init__(self" --max-new-tokens 40 --temperature 0.8 --top-p 0.9
     torchrun --nproc-per-node 2 -m llama.generate ... --tp 2
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 import torch
 
@@ -18,6 +17,7 @@ from llama.config import LlamaConfig
 from llama.model import Transformer
 from parallel.checkpoint import CheckpointError, load_checkpoint, read_meta
 from parallel.layers import NO_TP, TensorParallel
+from parallel.params import shard_of
 
 
 class KVCache:
@@ -103,17 +103,27 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 def load_model(checkpoint: str, fmt: str = "native", tp: TensorParallel = NO_TP, dtype=torch.float32,
                device=None, max_seq_len: int | None = None) -> Transformer:
-    """A model from a checkpoint of any format (others are converted to a temporary native one)."""
-    if fmt != "native":
-        from llama.convert import convert
-        tmp = tempfile.mkdtemp(prefix="llama-converted-")
-        convert(fmt, checkpoint, "native", tmp, max_seq_len=max_seq_len or 2048)
-        checkpoint = tmp
-    cfg = LlamaConfig(**read_meta(checkpoint)["config"]["model"])
+    """A model from a checkpoint of any format, on the GPU when there is one. Meta's and HF's are
+    read through the converter's readers, one logical tensor at a time, each rank keeping its
+    shard: nothing is written to disk."""
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    reader = None
+    if fmt == "native":
+        cfg = LlamaConfig(**read_meta(checkpoint)["config"]["model"])
+    else:
+        from llama.convert import open_reader
+        reader = open_reader(fmt, checkpoint, max_seq_len or 2048)
+        cfg = reader.cfg
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
     model = Transformer(cfg, tp=tp, attention="auto", device=device, dtype=dtype).eval()
-    load_checkpoint(checkpoint, [model], None, None, weights_only=True)
+    if reader is None:
+        load_checkpoint(checkpoint, [model], None, None, weights_only=True)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(shard_of(reader.tensor(name, p.logical_shape), p).to(p.dtype))
     return model
 
 

@@ -46,10 +46,10 @@ def peak_memory_bytes() -> int:
 
 
 class MetricsWriter:
-    """One JSON object per line; opened by rank 0 only."""
+    """One JSON object per line; opened by rank 0 only (appending when a run resumes)."""
 
-    def __init__(self, path):
-        self.file = open(path, "w") if path else None
+    def __init__(self, path, append: bool = False):
+        self.file = open(path, "a" if append else "w") if path else None
 
     def write(self, record: dict) -> None:
         if self.file:

@@ -1,7 +1,8 @@
 """Text files or JSONL → one token shard (see shards.py), with worker processes.
 
 A `.jsonl` file holds one document per line (the text under `json_key`); any other file is one
-document. Every document is followed by EOS, so packed windows learn where documents end.
+document. Every document is `<s> text </s>`: packed windows learn where documents start and
+end, and generation and evaluation, which prompt with BOS, see what training saw.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _init(tokenizer_path):
 
 
 def _encode(batch: list[str]):
-    return [(_worker_tokenizer.encode(doc, eos=True), len(doc.encode("utf-8"))) for doc in batch]
+    return [(_worker_tokenizer.encode(doc, bos=True, eos=True), len(doc.encode("utf-8"))) for doc in batch]
 
 
 def _batches(docs, size: int = 64):

@@ -24,6 +24,7 @@ from llama.config import ConfigError, RunConfig, load_config
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
+from llama.model import check_tensor_parallel
 from llama.parallelize import activation_shape, build_chunks
 from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
@@ -33,6 +34,7 @@ from parallel.data_parallel import GradBuckets
 from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
 from parallel.pipeline.p2p import PipelineP2P
+from parallel.pipeline.partition import chunk_sizes
 from parallel.pipeline.schedules import SCHEDULES, run_schedule, schedule_order
 from parallel.tensor_files import TensorFileError
 from parallel.topology import TopologyError
@@ -117,10 +119,12 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     accumulation = check_batch(t.global_batch, t.micro_batch, topo.dp)
+    check_tensor_parallel(m, topo.tp, t.sp, t.seq_len)
     order = schedule_order(t.schedule, accumulation, topo.pp, topo.pp_rank, t.vpp)  # checks m, vpp
+    chunk_sizes(m.n_layers, topo.pp, t.vpp, t.stage_layers)  # the split, checked on every rank
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(t.seed)
-    chunks = build_chunks(m, topo, sp=t.sp, vpp=t.vpp, seed=t.seed, attention=t.attention,
+    chunks = build_chunks(m, topo, sp=t.sp, vpp=t.vpp, stage_layers=t.stage_layers, seed=t.seed, attention=t.attention,
                           recompute=t.recompute, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
                           dtype=DTYPES[t.dtype])
     params = [p for c in chunks for p in c.parameters()]
@@ -133,12 +137,12 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     data = data or build_data(run)
     peak = t.peak_tflops or device_peak_tflops()
     is_logger = topo.rank == 0
-    writer = MetricsWriter(metrics_path if is_logger else None)
+    writer = MetricsWriter(metrics_path if is_logger else None, append=bool(ckpt.resume))
     result = TrainResult(chunks=chunks, optimizer=optimizer)
     first_step = 0
     if ckpt.resume or ckpt.init_from:
-        meta = load_checkpoint(ckpt.resume or ckpt.init_from, chunks, optimizer, topo,
-                               weights_only=not ckpt.resume)
+        meta = _on_every_rank(lambda: load_checkpoint(ckpt.resume or ckpt.init_from, chunks, optimizer, topo,
+                                                      weights_only=not ckpt.resume), topo, device)
         if ckpt.resume:
             first_step, result.consumed_samples = meta["step"], meta["consumed_samples"]
             if is_logger:
@@ -156,7 +160,8 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         if step == t.inject_nonfinite_step and chunks[-1].last_stage:
             _poison_next_loss(chunks[-1])
         buckets.start_step(accumulation)
-        stats = run_schedule(order, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype])
+        stats = run_schedule(order, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype],
+                             schedule_id=SCHEDULES.index(t.schedule))
         grad_norm, skipped = optimizer.step(lr)
         loss = _mean_loss(stats.losses, topo, device)
         result.losses.append(loss)
@@ -181,6 +186,23 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             save_checkpoint(ckpt.save_dir, done, chunks, optimizer, topo, keep=ckpt.keep,
                             meta={"consumed_samples": result.consumed_samples, "config": asdict(run)})
     writer.close()
+    return result
+
+
+def _on_every_rank(fn, topo, device):
+    """Run fn on every rank; if it fails on any (a stage's tensors missing from a checkpoint, say),
+    fail on all of them, instead of leaving the others waiting in the first collective."""
+    try:
+        result, error = fn(), None
+    except (CheckpointError, TensorFileError, ValueError) as err:
+        result, error = None, err
+    if topo.world > 1:
+        ok = torch.tensor([0.0 if error else 1.0], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=topo.world_group)
+        if error is None and ok.item() == 0:
+            raise CheckpointError("another rank could not load the checkpoint (its error says why)")
+    if error is not None:
+        raise error
     return result
 
 
@@ -289,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         culprit = f" (first failure: {first})" if first and not first.startswith(f"rank {dist.get_rank()}:") else ""
         print(f"llama-train: rank {dist.get_rank()}: {message}{culprit}", file=sys.stderr, flush=True)
         return 1
-    if topo.rank == 0:
+    if topo.rank == 0 and not result.losses:
+        print(f"nothing to do: the run already reached train.steps={run.train.steps}", flush=True)
+    elif topo.rank == 0:
         losses = result.losses
         print(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} "
               f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f})", flush=True)

@@ -54,6 +54,7 @@ class Optimizer:
                   for m, b in zip(self.masters, buckets.buckets)]
         self.adam = make_adamw(groups, lr, betas, eps, self.masters[0].device.type)
         self.steps_skipped = 0
+        self.steps_taken = 0  # updates applied: Adam's bias-correction step, whichever AdamW runs
 
     def _counted_slices(self, bucket, lo, hi):
         """Slices of [lo, hi) (relative to lo) whose parameters this rank counts in the norm."""
@@ -95,6 +96,7 @@ class Optimizer:
                 master.grad.mul_(scale)
             group["lr"] = lr
         self.adam.step()
+        self.steps_taken += 1
         for master, (lo, hi), b in zip(self.masters, self.ranges, self.buckets.buckets):
             master.grad = None
             b.data[lo:hi].copy_(master)
@@ -114,12 +116,14 @@ class Optimizer:
 
     @property
     def adam_step(self) -> int:
-        state = self.adam.state.get(self.masters[0], {})
-        return int(state["step"].item()) if "step" in state else 0
+        return self.steps_taken
 
     def load_bucket_state(self, i: int, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
         master = self.masters[i]
         master.copy_(tensors["master"])
+        self.steps_taken = adam_step
+        if "step" in self.adam.param_groups[i]:  # apex's FusedAdam counts steps per group
+            self.adam.param_groups[i]["step"] = adam_step
         if adam_step:
             self.adam.state[master] = {
                 "step": torch.tensor(float(adam_step), dtype=torch.float32, device=master.device),

@@ -25,8 +25,14 @@ SAVED_OPS = {
 }
 
 
+# xformers' and flash-attn's forward kernels, by name (they are custom ops, not aten)
+SAVED_OP_NAMES = ("efficient_attention_forward", "flash_fwd", "flash_attn_forward", "fmha")
+
+
 def _save_matmuls(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in SAVED_OPS or any(name in str(op) for name in SAVED_OP_NAMES):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def check_mode(mode: str) -> str:

@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when complete")
     args = parser.parse_args()
     done = Path(args.out) / "BUILD.json"
-    want = {"vocab_size": args.vocab_size, "max_mb": args.max_mb, "python": sys.version.split()[0], "layout": 2}
+    want = {"vocab_size": args.vocab_size, "max_mb": args.max_mb, "python": sys.version.split()[0], "layout": 3}
     if done.is_file() and not args.force and json.loads(done.read_text()).get("options") == want:
         print(f"demo corpus already built in {args.out}")
         return 0

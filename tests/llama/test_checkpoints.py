@@ -125,3 +125,21 @@ def test_damaged_files_give_errors_naming_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"tok_embeddings.weight has shape \(256, 32\), the model expects "
                                               r"\(256, 64\)"):
         load_checkpoint(ckpt, other, None, topo)
+
+
+def _init_from_a_smaller_model(root):
+    run = _run_config(pp=2, steps=1)
+    run.model.n_layers = 6  # asked of a 4-layer checkpoint: stage 1's layers 4, 5 are missing, stage 0's are not
+    try:
+        train(run, topology(tp=1, pp=2), show_progress=False, data=ByteDemoData(16, 0, _text()),
+              ckpt=CheckpointOptions(init_from=root))
+    except Exception as err:  # every rank must fail, none may wait for the others
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def test_a_checkpoint_some_stages_cannot_load_fails_on_every_rank(tmp_path):
+    _train(build_topology(), 1, CheckpointOptions(str(tmp_path)))
+    out = run_on_ranks(_init_from_a_smaller_model, 2, str(tmp_path))
+    assert out[1].startswith("CheckpointError: checkpoint has no tensor 'layers.4"), out
+    assert out[0] == "CheckpointError: another rank could not load the checkpoint (its error says why)", out

@@ -49,7 +49,7 @@ def test_preprocess_jsonl_and_text(tokenizer, tmp_path):
     assert stats["mb_per_s"] > 0 and not list(tmp_path.glob("*.tmp"))
     for i, text in enumerate(SAMPLES[:4]):
         doc = shard.tokens[shard.offsets[i]:shard.offsets[i + 1]]
-        assert doc[-1] == tokenizer.eos_id and tokenizer.decode(doc[:-1]) == text
+        assert doc[0] == tokenizer.bos_id and doc[-1] == tokenizer.eos_id and tokenizer.decode(doc[1:-1]) == text
     with pytest.raises(KeyError, match="has no key 'text'"):
         preprocess([tmp_path / "a.jsonl"], tokenizer.path, tmp_path / "x", workers=1, progress=False)
 

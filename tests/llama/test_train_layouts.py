@@ -72,6 +72,11 @@ CASES = [(*layout, sp, sp) for layout in LAYOUTS for sp in (False, True)]  # sp 
 CASES += [(2, 2, 2, True, False), (1, 1, 2, False, True), (2, 1, 2, False, True)]  # and one without the other
 
 
+def test_an_uneven_pipeline_split_trains_the_same_model():
+    outs = run_on_ranks(_train_on_ranks, 2, 1, 2, stage_layers=[3, 1], timeout=300)
+    _assert_same_run(outs, "pp=2 with stage_layers=[3, 1]")
+
+
 @pytest.mark.parametrize("tp,pp,dp,sp,distributed_optimizer", CASES)
 def test_every_layout_trains_the_same_model(tp, pp, dp, sp, distributed_optimizer):
     outs = run_on_ranks(_train_on_ranks, tp * pp * dp, tp, pp, sp=sp, distributed_optimizer=distributed_optimizer,
