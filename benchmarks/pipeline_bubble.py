@@ -16,7 +16,7 @@ import torch
 from llama.config import LlamaConfig
 from llama.parallelize import activation_shape, build_chunks
 from parallel.pipeline.p2p import PipelineP2P
-from parallel.pipeline.schedules import run_schedule, schedule_order
+from parallel.pipeline.schedules import run_schedule
 from tests.distributed import run_on_ranks, topology
 
 MB, SEQ = 2, 64
@@ -32,7 +32,7 @@ def _measure(pp, m, schedule, vpp, layers, steps):
     bubbles = []
     for step in range(steps + 1):
         torch.distributed.barrier(topo.pp_group)
-        stats = run_schedule(schedule_order(schedule, m, pp, topo.pp_rank, vpp), chunks, micro, p2p, pp,
+        stats = run_schedule(schedule, chunks, micro, p2p, pp,
                              topo.pp_rank, activation_shape(cfg, MB, SEQ, 1, False), torch.float32)
         for c in chunks:
             c.zero_grad()

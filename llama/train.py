@@ -35,7 +35,7 @@ from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
 from parallel.pipeline.p2p import PipelineP2P
 from parallel.pipeline.partition import chunk_sizes
-from parallel.pipeline.schedules import SCHEDULES, run_schedule, schedule_order
+from parallel.pipeline.schedules import SCHEDULES, check_schedule, run_schedule
 from parallel.tensor_files import TensorFileError
 from parallel.topology import TopologyError
 
@@ -120,7 +120,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     accumulation = check_batch(t.global_batch, t.micro_batch, topo.dp)
     check_tensor_parallel(m, topo.tp, t.sp, t.seq_len)
-    order = schedule_order(t.schedule, accumulation, topo.pp, topo.pp_rank, t.vpp)  # checks m, vpp
+    check_schedule(t.schedule, accumulation, topo.pp, t.vpp)
     chunk_sizes(m.n_layers, topo.pp, t.vpp, t.stage_layers)  # the split, checked on every rank
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(t.seed)
@@ -160,8 +160,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         if step == t.inject_nonfinite_step and chunks[-1].last_stage:
             _poison_next_loss(chunks[-1])
         buckets.start_step(accumulation)
-        stats = run_schedule(order, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype],
-                             schedule_id=SCHEDULES.index(t.schedule))
+        stats = run_schedule(t.schedule, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype])
         grad_norm, skipped = optimizer.step(lr)
         loss = _mean_loss(stats.losses, topo, device)
         result.losses.append(loss)

@@ -1,12 +1,11 @@
 """Activations forward and gradients backward between pipeline stages, with batch_isend_irecv.
 
-Every transfer carries a tag naming (micro-batch, virtual stage, direction), so on gloo a
-receive can only match the send it is meant for. A send is not posted on its own: it waits
-and is posted together with this rank's next receive, in one `batch_isend_irecv` (an NCCL
-group), as Megatron-LM pairs send-forward with receive-backward; what is left is posted at the
-end of the step (`flush`). So a rank only ever blocks on a receive, never on a send, and two
-neighbours cannot deadlock sending to each other at once (gloo's blocking send against blocking
-send; NCCL's sends, which may wait for the matching receive and match in order, not by tag).
+Transfers go in groups (`exchange`: one `batch_isend_irecv`, an NCCL group): the schedules
+(schedules.lockstep_plan) put each send in the same step as its receive on the other side, so
+the two are always posted together, in the same order on both ends of every link. No rank waits
+in a send for a receive its peer has not posted: neither gloo's blocking send against blocking
+send nor NCCL's rendezvous sends (which match in order, ignoring tags) can deadlock. Every
+transfer also carries a tag naming (micro-batch, virtual stage, direction).
 
 Before the first transfer, and whenever the activation shape changes, neighbours exchange a
 header (activation shape and dtype, micro-batches, vpp, schedule) and both raise the same clear
@@ -42,10 +41,9 @@ class PipelineP2P:
         self.group = topo.pp_group
         self.pp, self.pp_rank, self.ranks = topo.pp, topo.pp_rank, topo.pp_ranks
         self.ring = ring
-        self.unposted: list = []         # sends waiting to go out with the next receive
-        self.pending: list = []          # send handles, waited for in flush()
-        self.pending_tensors: list = []  # what those sends read: alive until sent
         self.device = None
+        self.pending: list = []    # send handles, waited for in flush()
+        self.in_flight: list = []  # the tensors those sends read
         self.header: list[int] | None = None
         self.wait_s = 0.0  # time spent blocked on receives (pipeline idle time)
 
@@ -82,39 +80,44 @@ class PipelineP2P:
                                             f"stage {hi[0]} has {_describe(hi[1])}")
         self.header = header
 
-    def send(self, tensor: torch.Tensor, offset: int, tag: int) -> None:
+    def exchange(self, sends, recvs) -> list:
+        """Post one group: `sends` is [(tensor, pipeline rank, tag)], `recvs` [(pipeline rank,
+        tag)]. Returns, per receive, `take()`: wait for that tensor and return it. Sends are
+        waited for in `flush()`, so computing goes on while a group is in flight."""
         expected = (list(self.header[:3]), DTYPES[self.header[3]])
-        if [list(tensor.shape), tensor.dtype] != list(expected):
-            raise PipelineMismatchError(f"stage {self.pp_rank} would send {list(tensor.shape)} {tensor.dtype}, but "
-                                        f"the pipeline agreed on {expected[0]} {expected[1]}")
-        tensor = tensor.detach().contiguous()
-        comm._record("p2p", tensor)
-        self.unposted.append(dist.P2POp(dist.isend, tensor, self.peer(offset), self.group, tag))
+        ops = []
+        for tensor, rank, tag in sends:
+            if [list(tensor.shape), tensor.dtype] != list(expected):
+                raise PipelineMismatchError(f"stage {self.pp_rank} would send {list(tensor.shape)} {tensor.dtype}, "
+                                            f"but the pipeline agreed on {expected[0]} {expected[1]}")
+            tensor = tensor.detach().contiguous()
+            comm._record("p2p", tensor)
+            self.in_flight.append(tensor)  # alive until sent
+            ops.append(dist.P2POp(dist.isend, tensor, self.ranks[rank], self.group, tag))
+        out = [torch.empty(self.header[:3], dtype=expected[1], device=self.device) for _ in recvs]
+        ops += [dist.P2POp(dist.irecv, buf, self.ranks[rank], self.group, tag) for buf, (rank, tag) in zip(out, recvs)]
+        works = dist.batch_isend_irecv(ops)
+        if len(works) == len(ops):
+            self.pending += works[:len(sends)]
+            waits = [[w] for w in works[len(sends):]]
+        else:  # NCCL coalesces a group into one handle
+            self.pending += works
+            waits = [works for _ in recvs]
+        return [self._taker(buf, ws) for buf, ws in zip(out, waits)]
 
-    def _post(self, ops) -> list:
-        """Post the waiting sends with `ops`; returns the handles to wait on for `ops`."""
-        everything = self.unposted + ops
-        works = dist.batch_isend_irecv(everything)
-        n_sends = len(self.unposted)
-        self.pending_tensors += [op.tensor for op in self.unposted]  # alive until sent
-        self.unposted = []
-        if len(works) != len(everything):  # NCCL coalesces the group into one handle
-            return works
-        self.pending += works[:n_sends]
-        return works[n_sends:]
-
-    def recv(self, offset: int, tag: int) -> torch.Tensor:
-        out = torch.empty(self.header[:3], dtype=DTYPES[self.header[3]], device=self.device)
-        start = time.perf_counter()
-        for work in self._post([dist.P2POp(dist.irecv, out, self.peer(offset), self.group, tag)]):
-            work.wait()
-        self.wait_s += time.perf_counter() - start
-        return out
+    def _taker(self, buf, works):
+        def take() -> torch.Tensor:
+            start = time.perf_counter()
+            for w in works:
+                w.wait()
+            self.wait_s += time.perf_counter() - start
+            return buf
+        return take
 
     def flush(self) -> None:
-        """Post what is left and wait for every send of this step."""
-        if self.unposted:
-            self._post([])
+        """Wait for every send of the step."""
+        start = time.perf_counter()
         for work in self.pending:
             work.wait()
-        self.pending, self.pending_tensors = [], []
+        self.wait_s += time.perf_counter() - start
+        self.pending, self.in_flight = [], []

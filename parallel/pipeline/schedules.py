@@ -1,8 +1,9 @@
 """Pipeline schedules: GPipe, 1F1B, interleaved 1F1B (Narayanan et al. 2021) and forward-only.
 
 A schedule is only an order: the list of (F or B, micro-batch, model chunk) one pipeline rank
-runs. `run_schedule` executes any such order the same way: receive the input (blocking), compute,
-post the send (never blocking). Losses are averaged over micro-batches: each micro-batch's mean
+runs. `lockstep_plan` turns every rank's order into steps, and `run_schedule` executes a rank's
+steps: compute one action, then exchange with the neighbours, in one group, exactly the
+messages made in that step. Losses are averaged over micro-batches: each micro-batch's mean
 loss is scaled by 1/m before its backward, so gradients equal one pass over the whole batch.
 
     gpipe        all m forwards, then all m backwards: m micro-batches of activations kept
@@ -91,49 +92,119 @@ def _tag(m: int, virtual_stage: int, mb: int, grad: bool) -> int:
     return 1 + 2 * (virtual_stage * m + mb) + int(grad)
 
 
-def run_schedule(order, chunks, micro_batches, p2p: PipelineP2P, pp: int, pp_rank: int,
-                 activation_shape, dtype, schedule_id: int = 0, forward_only: bool = False):
-    """Run `order` on this rank's model `chunks` (its vpp Transformer stages).
+@dataclass
+class Phase:
+    """One step of a rank's plan: compute at most one action, then exchange, in one group with
+    its neighbours, exactly the messages produced in this step that concern it."""
+    action: tuple | None = None               # ("F" | "B", micro-batch, chunk)
+    send: tuple | None = None                 # the message the action produces
+    recvs: list = field(default_factory=list)  # messages produced this step for this rank
+
+
+def _needs(kind: str, mb: int, j: int, n_virtual: int):
+    """The message an action waits for: its input activation, or its output's gradient."""
+    if kind == "F":
+        return None if j == 0 else ("act", mb, j)
+    return None if j == n_virtual - 1 else ("grad", mb, j)
+
+
+def _makes(kind: str, mb: int, j: int, n_virtual: int):
+    if kind == "F":
+        return None if j == n_virtual - 1 else ("act", mb, j + 1)
+    return None if j == 0 else ("grad", mb, j - 1)
+
+
+def lockstep_plan(orders: list[list[tuple]], pp: int, vpp: int) -> list[list[Phase]]:
+    """Every rank's phases, from every rank's order: at each step a rank runs its next action if
+    that action's input was produced at an earlier step. A message made at step t is received by
+    its destination in the same step t, in the same group as it is sent: so on every channel the
+    sends and receives pair up in the same order on both sides, and no rank ever waits in a send
+    for a receive that its peer has not posted (what makes NCCL's rendezvous sends safe)."""
+    n_virtual = pp * vpp
+    ptr, produced = [0] * pp, {}
+    plan: list[list[Phase]] = [[] for _ in range(pp)]
+    step = 0
+    while any(ptr[r] < len(orders[r]) for r in range(pp)):
+        made, progressed = [], False
+        for r in range(pp):
+            phase = Phase()
+            if ptr[r] < len(orders[r]):
+                kind, mb, c = orders[r][ptr[r]]
+                j = c * pp + r
+                need = _needs(kind, mb, j, n_virtual)
+                if need is None or produced.get(need, step) < step:
+                    phase.action, phase.send = (kind, mb, c), _makes(kind, mb, j, n_virtual)
+                    ptr[r] += 1
+                    progressed = True
+                    if phase.send:
+                        made.append(phase.send)
+            plan[r].append(phase)
+        for msg in made:
+            produced[msg] = step
+            plan[msg[2] % pp][step].recvs.append(msg)
+        if not progressed:
+            raise ScheduleError("the ranks' orders wait on each other: not a valid pipeline schedule")
+        step += 1
+    return plan
+
+
+def _source(msg, pp: int) -> int:
+    """The pipeline rank that sends message `msg`."""
+    kind, _, j = msg
+    return (j - 1) % pp if kind == "act" else (j + 1) % pp
+
+
+def run_schedule(schedule: str, chunks, micro_batches, p2p: PipelineP2P, pp: int, pp_rank: int,
+                 activation_shape, dtype, forward_only: bool = False):
+    """Run `schedule` on this rank's model `chunks` (its vpp Transformer stages).
 
     micro_batches: a list of (tokens, targets); the first virtual stage reads tokens, the last
     targets. Returns StageStats; `losses` holds each micro-batch's loss on the last stage.
     """
     m, vpp = len(micro_batches), len(chunks)
+    orders = [forward_only_order(m, pp, vpp) if forward_only else schedule_order(schedule, m, pp, r, vpp)
+              for r in range(pp)]
+    plan = lockstep_plan(orders, pp, vpp)[pp_rank]
     stats = StageStats()
     start_wall = time.perf_counter()
-    p2p.handshake(activation_shape, dtype, m, vpp, schedule_id, device=micro_batches[0][0].device)
+    p2p.handshake(activation_shape, dtype, m, vpp, SCHEDULES.index(schedule), device=micro_batches[0][0].device)
     p2p.wait_s = 0.0
-    inputs, outputs = {}, {}
+    inputs, outputs, inbox = {}, {}, {}
     losses: dict[int, float] = {}
-    for kind, mb, c in order:
-        j = c * pp + pp_rank  # this chunk's virtual stage
-        chunk = chunks[c]
-        if kind == "F":
-            tokens, targets = micro_batches[mb]
-            x = tokens if chunk.first_stage else p2p.recv(-1, _tag(m, j, mb, False)).requires_grad_(not forward_only)
-            t0 = time.perf_counter()
-            with torch.set_grad_enabled(not forward_only):
-                out = chunk(x, targets) if chunk.last_stage else chunk(x)
-            stats.busy_s += time.perf_counter() - t0
-            if chunk.last_stage:
-                losses[mb] = out.item()
-                out = out / m
+    for phase in plan:
+        produced = None
+        if phase.action is not None:
+            kind, mb, c = phase.action
+            chunk, j = chunks[c], c * pp + pp_rank
+            if kind == "F":
+                tokens, targets = micro_batches[mb]
+                x = tokens if chunk.first_stage else inbox.pop(("act", mb, j))().requires_grad_(not forward_only)
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(not forward_only):
+                    out = chunk(x, targets) if chunk.last_stage else chunk(x)
+                stats.busy_s += time.perf_counter() - t0
+                if chunk.last_stage:
+                    losses[mb] = out.item()
+                    out = out / m
+                produced = out
+                if not forward_only:
+                    inputs[mb, c], outputs[mb, c] = x, out
+                    stats.peak_in_flight = max(stats.peak_in_flight, len(outputs))
             else:
-                p2p.send(out, +1, _tag(m, j + 1, mb, False))
-            if not forward_only:
-                inputs[mb, c], outputs[mb, c] = x, out
-                stats.peak_in_flight = max(stats.peak_in_flight, len(outputs))
-        else:
-            x, out = inputs.pop((mb, c)), outputs.pop((mb, c))
-            grad = None if chunk.last_stage else p2p.recv(+1, _tag(m, j, mb, True))
-            t0 = time.perf_counter()
-            torch.autograd.backward(out, grad)
-            stats.busy_s += time.perf_counter() - t0
-            if not chunk.first_stage:
-                p2p.send(x.grad, -1, _tag(m, j - 1, mb, True))
-    t0 = time.perf_counter()
+                x, out = inputs.pop((mb, c)), outputs.pop((mb, c))
+                grad = None if chunk.last_stage else inbox.pop(("grad", mb, j))()
+                t0 = time.perf_counter()
+                torch.autograd.backward(out, grad)
+                stats.busy_s += time.perf_counter() - t0
+                produced = x.grad
+        sends = [(produced, phase.send[2] % pp, _tag(m, phase.send[2], phase.send[1], phase.send[0] == "grad"))] \
+            if phase.send else []
+        recvs = [(_source(msg, pp), _tag(m, msg[2], msg[1], msg[0] == "grad")) for msg in phase.recvs]
+        if sends or recvs:
+            for msg, take in zip(phase.recvs, p2p.exchange(sends, recvs)):
+                inbox[msg] = take  # waited for only when the tensor is needed
     p2p.flush()
-    stats.idle_s = p2p.wait_s + time.perf_counter() - t0
+    stats.idle_s = p2p.wait_s
     stats.wall_s = time.perf_counter() - start_wall
     stats.losses = [losses[i] for i in sorted(losses)]
     return stats

@@ -82,10 +82,11 @@ def _pipeline_logits(path, tokens):
     p2p.handshake(activation_shape(CFG, *tokens.shape, 2, False), torch.float32, 1, 1, 0)
     with torch.no_grad():
         if topo.is_first_stage:
-            p2p.send(chunk(tokens), +1, 1)
+            p2p.exchange([(chunk(tokens), 1, 1)], [])
             p2p.flush()
             return None
-        return chunk.gather_logits(chunk(p2p.recv(-1, 1)))
+        (take,) = p2p.exchange([], [(0, 1)])
+        return chunk.gather_logits(chunk(take()))
 
 
 def test_a_transformers_model_converted_to_native_gives_its_logits_at_tp2_pp2(tmp_path):

@@ -48,13 +48,13 @@ PP_CFG = dict(dim=H, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_s
 def _pipeline_traffic(m):
     from llama.parallelize import activation_shape, build_chunks
     from parallel.pipeline.p2p import PipelineP2P
-    from parallel.pipeline.schedules import run_schedule, schedule_order
+    from parallel.pipeline.schedules import run_schedule
     cfg = LlamaConfig(**PP_CFG)
     topo = topology(pp=2)
     chunks = build_chunks(cfg, topo, seed=0, attention="sdpa")
     micro = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, 64, (m, B, S + 1))]
     comm.reset_traffic()
-    run_schedule(schedule_order("1f1b", m, 2, topo.pp_rank), chunks, micro, PipelineP2P(topo), 2, topo.pp_rank,
+    run_schedule("1f1b", chunks, micro, PipelineP2P(topo), 2, topo.pp_rank,
                  activation_shape(cfg, B, S, 1, False), torch.float32)
     return dict(comm.TRAFFIC)
 
