@@ -20,11 +20,19 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
+REQUIRED = os.environ.get("LLAMA_REQUIRE_LAUNCHERS") == "1"
+
+
+def requires(missing) -> pytest.MarkDecorator:
+    """Skip, saying why, when `missing()` names what is absent; unless the launchers are required
+    (CI), where the test runs and fails with that reason instead."""
+    reason = missing()
+    return pytest.mark.skipif(reason is not None and not REQUIRED, reason=reason or "")
+
+
 def unavailable(reason: str):
-    """Skip with the reason, or fail with it when the launchers are required (CI)."""
-    if os.environ.get("LLAMA_REQUIRE_LAUNCHERS") == "1":
-        pytest.fail(f"required launcher unavailable: {reason}")
-    pytest.skip(reason)
+    """Inside a test that runs although its launcher is missing (CI requires it): fail, saying why."""
+    pytest.fail(f"required launcher unavailable: {reason}")
 
 
 def missing_slurm() -> str | None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.launcher.real_launchers import ROOT, LocalSlurm, missing_mpi, missing_slurm, mpirun, unavailable
+from tests.launcher.real_launchers import ROOT, LocalSlurm, missing_mpi, missing_slurm, mpirun, requires, unavailable
 
 # the tiny model on the byte corpus (no demo build needed): 4 ranks, tp=2, pp=2
 TRAIN = ["-m", "llama.train", "--config", "configs/tiny.yaml", "--tp", "2", "--pp", "2", "--steps", "3",
@@ -39,12 +39,14 @@ def slurm(request):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@requires(missing_slurm)
 @pytest.mark.timeout(400)
 def test_srun_trains_at_tp2_pp2(slurm):
     nodes = ["-N", str(len(slurm.names))]
     _assert_trained(slurm.srun([*nodes, "-n", "4", sys.executable, *TRAIN]))
 
 
+@requires(missing_mpi)
 @pytest.mark.timeout(400)
 def test_mpirun_trains_at_tp2_pp2():
     reason = missing_mpi()
