@@ -110,5 +110,6 @@ def test_training_on_token_shards_lowers_the_loss(tmp_path):
 
 
 def test_a_missing_shard_is_a_one_line_error(capsys):
-    assert main(["--config", "tiny", "--set", "data.sources=[{path: /nonexistent/shard}]", "--steps", "1"]) == 2
+    assert main(["--config", "tiny", "--set", "data.sources=[{path: /nonexistent/shard}]", "--set", "data.tokenizer=''",
+                 "--set", "model.vocab_size=256", "--steps", "1"]) == 2
     assert "shard file '/nonexistent/shard.idx' does not exist" in capsys.readouterr().err
