@@ -3,7 +3,8 @@ order that every layout reads the same way.
 
 Packing: a shard's token stream (documents with EOS between them) is cut into windows of
 seq_len + 1 tokens that overlap by one (inputs and shifted targets); window k starts at token
-k·seq_len. Each source's windows are visited in a fresh seeded permutation every epoch.
+k·seq_len. Each source's windows are visited in a fresh seeded permutation every epoch, computed
+index by index (`SeededPermutation`), so no rank holds an epoch-sized array.
 
 Mixture (the paper's Table 1): the global sample stream is cut into blocks of 1000; in every
 block source s gets round(w_s · 1000) slots (largest remainders), placed by a permutation seeded
@@ -25,13 +26,46 @@ from llama.shards import Shard, ShardError
 BLOCK = 1000
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class SeededPermutation:
+    """A pseudo-random permutation of range(n), computed one index at a time: a 4-round Feistel
+    network on the next even power of two, cycle-walking back into range. No n-element array,
+    so a source of 10⁹ windows costs nothing per rank (a materialised order would cost 8 GB)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.half = (max(2, (n - 1).bit_length()) + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [_splitmix64((seed & _MASK64) * 4 + r) for r in range(4)]
+
+    def __call__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} outside range({self.n})")
+        x = i
+        while True:  # at most 4 rounds of walking on average: the domain is < 4n
+            left, right = x >> self.half, x & self.mask
+            for key in self.keys:
+                left, right = right, left ^ (_splitmix64(right ^ key) & self.mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
+
+
 class PackedDataset:
     """Windows of seq_len + 1 tokens over one shard, reshuffled every epoch."""
 
     def __init__(self, shard: Shard, seq_len: int, seed: int, name: str = ""):
         self.shard, self.seq_len, self.seed, self.name = shard, seq_len, seed, name or str(shard.prefix)
         self.n_windows = (shard.n_tokens - 1) // seq_len
-        self._orders: dict = {}
         if self.n_windows < 1:
             raise ShardError(f"shard {str(shard.prefix)!r} has {shard.n_tokens} tokens, too few for one window of "
                              f"seq_len+1={seq_len + 1}")
@@ -40,15 +74,10 @@ class PackedDataset:
     def n_tokens(self) -> int:
         return self.shard.n_tokens
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:  # keep one epoch's permutation at a time
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)}
-        return self._orders[epoch]
-
     def window(self, j: int) -> np.ndarray:
         """The j-th window this source serves (j counts across epochs)."""
         epoch, k = divmod(j, self.n_windows)
-        start = int(self._epoch_order(epoch)[k]) * self.seq_len
+        start = SeededPermutation(self.n_windows, self.seed * 1_000_003 + epoch)(k) * self.seq_len
         return np.asarray(self.shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
 
 

@@ -125,3 +125,17 @@ def test_bad_shards_fail_naming_the_file(tmp_path):
     _synthetic(tmp_path / "v", 1000, vocab=5000, value=4000)
     with pytest.raises(ShardError, match=r"shard '.*v' holds token id 4000, outside model.vocab_size=256"):
         load_mixture([{"path": str(tmp_path / "v")}], 8, 0, vocab_size=256)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 4097])
+def test_the_seeded_permutation_is_a_permutation(n):
+    from llama.data import SeededPermutation
+    perm = SeededPermutation(n, seed=5)
+    order = [perm(i) for i in range(n)]
+    assert sorted(order) == list(range(n))
+    assert order == [SeededPermutation(n, seed=5)(i) for i in range(n)]  # deterministic
+    if n >= 1000:
+        assert order != [SeededPermutation(n, seed=6)(i) for i in range(n)]
+        assert sum(a == b for a, b in enumerate(order)) < n // 50  # actually shuffled
+    with pytest.raises(IndexError):
+        perm(n)
