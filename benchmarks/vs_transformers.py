@@ -19,7 +19,7 @@ import time
 import torch
 
 from llama.config import LlamaConfig
-from llama.formats import is_rotary, permute_to_hf, to_hf_name
+from llama.formats import hf_config, is_rotary, permute_to_hf, to_hf_name
 from llama.model import Transformer
 from parallel.data_parallel import GradBuckets
 from parallel.optimizer import Optimizer
@@ -30,18 +30,12 @@ from parallel.topology import build_topology
 def hf_model(cfg: LlamaConfig, ours: Transformer, dtype):
     """transformers' LlamaForCausalLM with our weights (q/k rows permuted to its convention)."""
     import transformers
-    kw = dict(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
-              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, rms_norm_eps=cfg.norm_eps,
-              vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False)
-    try:
-        config = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **kw)
-    except TypeError:
-        config = transformers.LlamaConfig(rope_theta=cfg.rope_theta, **kw)
+    config = transformers.LlamaConfig(**hf_config(cfg))  # what llama-convert writes as config.json
     config._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(config).to(dtype)
     state = {to_hf_name(n): (permute_to_hf(p.detach(), cfg.n_heads) if is_rotary(n) else p.detach()).clone()
              for n, p in ours.named_parameters()}
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=True)
     return model.train()
 
 

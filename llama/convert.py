@@ -44,6 +44,11 @@ class NativeReader:
             self.files.update({n: tf for n in tf.names})
         self.source = str(directory)
 
+    def dtype(self, name: str) -> torch.dtype:
+        if name not in self.files:
+            raise ConversionError(f"{self.source}: no tensor {name!r}")
+        return self.files[name].dtype(name)
+
     def tensor(self, name: str, shape) -> torch.Tensor:
         if name not in self.files:
             raise ConversionError(f"{self.source}: no tensor {name!r}")
@@ -69,6 +74,9 @@ class MetaReader:
         params = json.loads((path / "params.json").read_text())
         vocab = self.state[0]["tok_embeddings.weight"].shape[0]
         self.cfg = formats.config_from_meta(params, vocab, max_seq_len)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[0][name].dtype
 
     def tensor(self, name: str, shape) -> torch.Tensor:
         parts = [s[name] for s in self.state if name in s]
@@ -96,6 +104,12 @@ class HFReader:
             tf = TensorFile(path / f)
             self.files.update({n: tf for n in tf.names})
 
+    def dtype(self, name: str) -> torch.dtype:
+        hf = formats.to_hf_name(name)
+        if hf not in self.files:
+            raise ConversionError(f"{self.source}: no tensor {hf!r}")
+        return self.files[hf].dtype(hf)
+
     def tensor(self, name: str, shape) -> torch.Tensor:
         hf = formats.to_hf_name(name)
         if hf not in self.files:
@@ -118,13 +132,9 @@ def open_reader(fmt: str, path, max_seq_len: int = 2048):
     raise ConversionError(f"format {fmt!r} is not one of {FORMATS}")
 
 
-def _dtype_of(reader, name, shape) -> torch.dtype:
-    return reader.tensor(name, shape).dtype
-
-
 def write_native(reader, out: Path) -> None:
     names = formats.native_names(reader.cfg)
-    dtype = _dtype_of(reader, *names[0])
+    dtype = reader.dtype(names[0][0])
     out.mkdir(parents=True, exist_ok=True)
     writer = StreamingSafetensorsWriter(out / "model-pp000.safetensors.tmp", [(n, dtype, s) for n, s in names])
     for n, s in names:
@@ -139,7 +149,7 @@ def write_native(reader, out: Path) -> None:
 
 def write_hf(reader, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
     names = formats.native_names(reader.cfg)
-    dtype = _dtype_of(reader, *names[0])
+    dtype = reader.dtype(names[0][0])
     size = torch.empty((), dtype=dtype).element_size()
     groups, current, total = [], [], 0
     for n, s in names:  # files of at most max_shard_bytes, as transformers shards

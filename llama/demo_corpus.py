@@ -28,27 +28,32 @@ def docstrings(path: Path) -> list[str]:
     return [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d) > 40]
 
 
-def prose_text(max_bytes: int = 2_000_000) -> str:
-    """Standard-library docstrings, separated by blank lines, up to about max_bytes."""
-    parts, size = [], 0
+def prose_docs():
+    """Every standard-library docstring, file by file, read lazily."""
     for path in stdlib_files():
-        for doc in docstrings(path):
-            parts.append(doc)
-            size += len(doc) + 2
-            if size >= max_bytes:
-                return "\n\n".join(parts)
-    return "\n\n".join(parts)
+        yield from docstrings(path)
 
 
-def code_text(max_bytes: int = 2_000_000) -> str:
-    parts, size = [], 0
+def code_docs():
+    """Every standard-library source file, read lazily."""
     for path in stdlib_files():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        size += len(text)
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def take(docs, max_bytes: int) -> list[str]:
+    """Documents from `docs` until about max_bytes of text."""
+    out, size = [], 0
+    for doc in docs:
+        out.append(doc)
+        size += len(doc)
         if size >= max_bytes:
             break
-    return "\n".join(parts)
+    return out
+
+
+def prose_text(max_bytes: int = 2_000_000) -> str:
+    """Standard-library docstrings, separated by blank lines, up to about max_bytes."""
+    return "\n\n".join(take(prose_docs(), max_bytes))
 
 
 def write_jsonl(path: Path, docs) -> int:
@@ -73,28 +78,18 @@ def build_demo(out_dir: str | Path, vocab_size: int = 4096, max_bytes: int = 2_0
         OUT/tokenizer.model                  SentencePiece BPE trained on the training text
         OUT/prose.{bin,idx}, OUT/code.{bin,idx}, OUT/prose-valid.{bin,idx}
     """
-    from llama.preprocess import iter_documents, preprocess
+    from llama.preprocess import preprocess
     from llama.tokenizer import train_tokenizer
 
     out = Path(out_dir)
-    prose = [d for path in stdlib_files() for d in docstrings(path)]
-    prose = _take(prose, max_bytes)
-    code = _take((p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()), max_bytes)
-    write_jsonl(out / "prose.jsonl", [d for i, d in enumerate(prose) if i % 20 != 19])
+    prose = take(prose_docs(), max_bytes)
+    code = take(code_docs(), max_bytes)
+    train_prose = [d for i, d in enumerate(prose) if i % 20 != 19]
+    write_jsonl(out / "prose.jsonl", train_prose)
     write_jsonl(out / "prose-valid.jsonl", prose[19::20])
     write_jsonl(out / "code.jsonl", code)
-    docs = list(iter_documents([out / "prose.jsonl", out / "code.jsonl"]))
-    tokenizer = train_tokenizer(docs, out / "tokenizer", vocab_size=vocab_size)
+    tokenizer = train_tokenizer(train_prose + code, out / "tokenizer", vocab_size=vocab_size)
     stats = {name: preprocess([out / f"{name}.jsonl"], tokenizer, out / name, workers=workers, progress=progress)
              for name in ("prose", "code", "prose-valid")}
     return {"tokenizer": str(tokenizer), **stats}
 
-
-def _take(docs, max_bytes: int) -> list[str]:
-    out, size = [], 0
-    for doc in docs:
-        out.append(doc)
-        size += len(doc)
-        if size >= max_bytes:
-            break
-    return out

@@ -31,21 +31,18 @@ from parallel.loss import vocab_parallel_cross_entropy
 from parallel.mappings import gather_from_tp
 from parallel.norm import RMSNorm
 from parallel.recompute import check_mode, run_with_recompute
+from parallel.topology import divisors
 
 
 def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: int | None = None) -> None:
     """Fail with one line, before any collective, when the model cannot be split over tp ranks."""
     if cfg.n_heads % tp:
-        raise ValueError(f"n_heads={cfg.n_heads} is not divisible by tp={tp}; choose tp in {_divisors(cfg.n_heads)}")
+        raise ValueError(f"n_heads={cfg.n_heads} is not divisible by tp={tp}; choose tp in {divisors(cfg.n_heads, 64)}")
     if cfg.ffn_dim % tp:
-        raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={tp}; choose tp in {_divisors(cfg.ffn_dim)}")
+        raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={tp}; choose tp in {divisors(cfg.ffn_dim, 64)}")
     if sp and seq_len is not None and seq_len % tp:
         raise ValueError(f"seq_len={seq_len} is not divisible by tp={tp}: sequence parallelism shards the "
                          f"sequence over the tp ranks; pad the sequence or turn sp off")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
 
 
 class FeedForward(nn.Module):

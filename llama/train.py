@@ -141,8 +141,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     result = TrainResult(chunks=chunks, optimizer=optimizer)
     first_step = 0
     if ckpt.resume or ckpt.init_from:
-        meta = _on_every_rank(lambda: load_checkpoint(ckpt.resume or ckpt.init_from, chunks, optimizer, topo,
-                                                      weights_only=not ckpt.resume), topo, device)
+        meta = load_checkpoint(ckpt.resume or ckpt.init_from, chunks, optimizer, topo, weights_only=not ckpt.resume)
         if ckpt.resume:
             first_step, result.consumed_samples = meta["step"], meta["consumed_samples"]
             if is_logger:
@@ -185,23 +184,6 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             save_checkpoint(ckpt.save_dir, done, chunks, optimizer, topo, keep=ckpt.keep,
                             meta={"consumed_samples": result.consumed_samples, "config": asdict(run)})
     writer.close()
-    return result
-
-
-def _on_every_rank(fn, topo, device):
-    """Run fn on every rank; if it fails on any (a stage's tensors missing from a checkpoint, say),
-    fail on all of them, instead of leaving the others waiting in the first collective."""
-    try:
-        result, error = fn(), None
-    except (CheckpointError, TensorFileError, ValueError) as err:
-        result, error = None, err
-    if topo.world > 1:
-        ok = torch.tensor([0.0 if error else 1.0], device=device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=topo.world_group)
-        if error is None and ok.item() == 0:
-            raise CheckpointError("another rank could not load the checkpoint (its error says why)")
-    if error is not None:
-        raise error
     return result
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
-from parallel.params import full_tensor, shard_of
+from parallel.params import full_tensor
 from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile, TensorFileError
 
 FORMAT = "llama-parallel-checkpoint"
@@ -115,9 +115,9 @@ def _save_optimizer(tmp: Path, optimizer, layout, topo, writer: bool) -> None:
 
 
 def _gather_bucket(shard: torch.Tensor, numel: int, group) -> torch.Tensor:
-    whole = torch.empty(numel, dtype=shard.dtype, device=shard.device)
     if comm.group_size(group) == 1:
         return shard
+    whole = torch.empty(numel, dtype=shard.dtype, device=shard.device)
     comm.all_gather_into(whole, shard, group)
     return whole
 
@@ -181,7 +181,25 @@ class _Index:
 def load_checkpoint(path, modules, optimizer, topo, weights_only: bool = False) -> dict:
     """Load a checkpoint saved at any layout into this rank's modules (and optimizer). Returns
     its meta.json. `weights_only` skips optimizer state and RNG (fine-tuning, evaluation); then
-    `topo` may be None."""
+    `topo` may be None. With a topology, every rank fails if any rank cannot load (a stage whose
+    tensors are missing, say), instead of the others waiting in their first collective."""
+    if topo is None or topo.world == 1:
+        return _load(path, modules, optimizer, topo, weights_only)
+    try:
+        meta, error = _load(path, modules, optimizer, topo, weights_only), None
+    except (CheckpointError, TensorFileError) as err:
+        meta, error = None, err
+    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+    ok = torch.tensor([0.0 if error else 1.0], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=topo.world_group)
+    if error is not None:
+        raise error
+    if ok.item() == 0:
+        raise CheckpointError("another rank could not load the checkpoint (its error says why)")
+    return meta
+
+
+def _load(path, modules, optimizer, topo, weights_only: bool) -> dict:
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     index = _Index(path, "model")
@@ -220,5 +238,3 @@ def _load_optimizer(path: Path, optimizer, layout, adam_step: int) -> None:
                 flat[k][start - lo:end - lo] = local[start - off:end - off]
         optimizer.load_bucket_state(i, flat, adam_step)
 
-
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_meta", "CheckpointError", "shard_of"]

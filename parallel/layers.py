@@ -24,6 +24,7 @@ from torch import nn
 from parallel import comm
 from parallel.mappings import SEQ_DIM, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp
 from parallel.params import make_param
+from parallel.topology import divisors
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ NO_TP = TensorParallel()
 
 def divide(n: int, tp: int, what: str) -> int:
     if n % tp:
-        good = [d for d in range(1, n + 1) if n % d == 0 and d <= 64]
-        raise ValueError(f"{what}={n} is not divisible by tp={tp}; choose tp in {good}")
+        raise ValueError(f"{what}={n} is not divisible by tp={tp}; choose tp in {divisors(n, 64)}")
     return n // tp
 
 

@@ -126,3 +126,6 @@ class TensorFile:
 
     def shape(self, name: str) -> tuple:
         return self._entry(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[0]

@@ -16,8 +16,9 @@ class TopologyError(ValueError):
     """The requested layout does not fit the world; raised before any collective."""
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int, limit: int | None = None) -> list[int]:
+    """The sizes that split n evenly (up to `limit`): what an error suggests instead."""
+    return [d for d in range(1, min(n, limit or n) + 1) if n % d == 0]
 
 
 def check_layout(world: int, tp: int, pp: int, dp: int | None) -> int:
@@ -28,7 +29,7 @@ def check_layout(world: int, tp: int, pp: int, dp: int | None) -> int:
     if dp is None:
         if world % (tp * pp):
             raise TopologyError(f"world size {world} is not divisible by tp*pp={tp}*{pp}; "
-                                f"choose tp*pp in {_divisors(world)}")
+                                f"choose tp*pp in {divisors(world)}")
         dp = world // (tp * pp)
     if tp * pp * dp != world:
         raise TopologyError(f"tp*pp*dp={tp}*{pp}*{dp}={tp * pp * dp} does not equal world size {world}")

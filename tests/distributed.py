@@ -23,14 +23,18 @@ import traceback
 COLLECTIVE_TIMEOUT_S = 30
 
 
-def _worker(rank: int, world: int, store_path: str, tasks, results) -> None:
+def _join(rank: int, world: int, store_path: str, timeout_s: float) -> None:
+    """Join the gloo group of a test: loopback, one thread per rank (N ranks share 2 cores)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1)  # N ranks share 2 cores
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _worker(rank: int, world: int, store_path: str, tasks, results) -> None:
+    _join(rank, world, store_path, COLLECTIVE_TIMEOUT_S)
     while True:
         task = tasks.get()
         if task is None:
@@ -121,12 +125,7 @@ def topology(tp: int = 1, pp: int = 1, dp: int | None = None):
 
 
 def _one_shot(rank: int, world: int, store_path: str, timeout_s: float, fn, args, results) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import torch
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    _join(rank, world, store_path, timeout_s)
     try:
         fn(*args)
         code, message = 0, "ok"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parallel.topology import divisors
+
 
 class PartitionError(ValueError):
     """The layers cannot be split as asked; raised before any collective."""
@@ -32,7 +34,7 @@ def chunk_sizes(n_layers: int, pp: int, vpp: int = 1, stage_layers: list[int] | 
                                  f"summing to n_layers={n_layers}")
         return list(stage_layers)
     if n_layers % n_virtual:
-        good = [d for d in range(1, n_layers + 1) if n_layers % d == 0]
+        good = divisors(n_layers)
         raise PartitionError(f"n_layers={n_layers} is not divisible by pp*vpp={pp}*{vpp}={n_virtual}; choose "
                              f"pp*vpp in {good} or give stage_layers")
     return [n_layers // n_virtual] * n_virtual

@@ -12,6 +12,7 @@ loss is scaled by 1/m before its backward, so gradients equal one pass over the 
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -148,6 +149,14 @@ def lockstep_plan(orders: list[list[tuple]], pp: int, vpp: int) -> list[list[Pha
     return plan
 
 
+@functools.lru_cache(maxsize=16)
+def _plan(schedule: str, m: int, pp: int, vpp: int, forward_only: bool) -> list[list[Phase]]:
+    """Every rank's plan; the same every training step, so made once."""
+    orders = [forward_only_order(m, pp, vpp) if forward_only else schedule_order(schedule, m, pp, r, vpp)
+              for r in range(pp)]
+    return lockstep_plan(orders, pp, vpp)
+
+
 def _source(msg, pp: int) -> int:
     """The pipeline rank that sends message `msg`."""
     kind, _, j = msg
@@ -162,9 +171,7 @@ def run_schedule(schedule: str, chunks, micro_batches, p2p: PipelineP2P, pp: int
     targets. Returns StageStats; `losses` holds each micro-batch's loss on the last stage.
     """
     m, vpp = len(micro_batches), len(chunks)
-    orders = [forward_only_order(m, pp, vpp) if forward_only else schedule_order(schedule, m, pp, r, vpp)
-              for r in range(pp)]
-    plan = lockstep_plan(orders, pp, vpp)[pp_rank]
+    plan = _plan(schedule, m, pp, vpp, forward_only)[pp_rank]
     stats = StageStats()
     start_wall = time.perf_counter()
     p2p.handshake(activation_shape, dtype, m, vpp, SCHEDULES.index(schedule), device=micro_batches[0][0].device)

@@ -9,21 +9,17 @@ import torch
 
 from llama.train import ByteDemoData, CheckpointOptions, train
 from parallel.checkpoint import CheckpointError, load_checkpoint, read_meta, resolve_checkpoint
-from parallel.params import full_tensor
 from parallel.tensor_files import TensorFileError
 from parallel.topology import build_topology
 from tests.distributed import run_on_ranks, run_processes, topology
+from tests.llama import test_train_layouts as layouts
 from tests.llama.test_train_layouts import _run_config, _text
 
 
 def _train(topo, steps, ckpt=None, **kw):
-    run = _run_config(tp=topo.tp, pp=topo.pp, steps=steps, **kw)
-    result = train(run, topo, show_progress=False, data=ByteDemoData(16, run.train.seed, _text()), ckpt=ckpt)
-    weights = {}
-    for chunk in result.chunks:
-        for name, p in chunk.named_parameters():
-            weights[name] = full_tensor(p.detach(), p, topo.tp_group).clone()
-    return result.losses, weights if topo.dp_rank == 0 else {}
+    """(losses, logical weights on dp rank 0) of a run of `steps` steps, saving or resuming per `ckpt`."""
+    losses, weights, _, _ = layouts._train(topo, ckpt=ckpt, steps=steps, **kw)
+    return losses, weights
 
 
 def _on_ranks(tp, pp, steps, ckpt=None, **kw):

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from llama.config import LlamaConfig
 from llama.convert import ConversionError, convert
 from llama.convert_cli import main as convert_main
+from llama.formats import hf_config
 from llama.parallelize import activation_shape, build_chunks
 from parallel.checkpoint import load_checkpoint
 from parallel.pipeline.p2p import PipelineP2P
@@ -18,15 +19,8 @@ CFG = LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=250, multiple_of=16,
 
 
 def _hf_model(path):
-    transformers = pytest.importorskip("transformers")
-    kw = dict(hidden_size=CFG.dim, intermediate_size=CFG.ffn_dim, num_hidden_layers=CFG.n_layers,
-              num_attention_heads=CFG.n_heads, num_key_value_heads=CFG.n_heads, rms_norm_eps=CFG.norm_eps,
-              vocab_size=CFG.vocab_size, max_position_embeddings=CFG.max_seq_len, tie_word_embeddings=False,
-              attention_bias=False, mlp_bias=False)
-    try:
-        config = transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
-    except TypeError:
-        config = transformers.LlamaConfig(rope_theta=10000.0, **kw)
+    import transformers
+    config = transformers.LlamaConfig(**hf_config(CFG))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms that are not all ones, so a misplaced norm shows

@@ -31,9 +31,9 @@ def _run_config(tp=1, pp=1, sp=False, distributed_optimizer=False, micro_batch=2
     return load_config("tiny", {"model": model, "train": train, "data": {"tokenizer": "", "sources": []}})
 
 
-def _train(topo, **kw):
+def _train(topo, ckpt=None, **kw):
     run = _run_config(tp=topo.tp, pp=topo.pp, **kw)
-    result = train(run, topo, show_progress=False, data=ByteDemoData(16, run.train.seed, _text()))
+    result = train(run, topo, show_progress=False, data=ByteDemoData(16, run.train.seed, _text()), ckpt=ckpt)
     weights = {}
     if topo.dp_rank == 0:
         for chunk in result.chunks:

@@ -157,6 +157,10 @@ def test_vocab_parallel_cross_entropy_equals_torch(tp_size, vocab):
 
 
 def test_vocab_parallel_cross_entropy_is_stable_for_huge_logits():
-    logits = torch.tensor([[1e4, 0.0, -1e4]], requires_grad=True)
+    # a padded fourth column takes our own function (torch's would run for an unpadded vocabulary),
+    # and its huge logit must not count
+    logits = torch.tensor([[1e4, 0.0, -1e4, 5e4]], requires_grad=True)
     loss = vocab_parallel_cross_entropy(logits, torch.tensor([1]), vocab_size=3, reduction="sum")
     assert torch.isfinite(loss) and abs(loss.item() - 1e4) < 1e-3
+    loss.backward()
+    assert torch.allclose(logits.grad, torch.tensor([[1.0, -1.0, 0.0, 0.0]]))
