@@ -129,7 +129,8 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         if targets is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, targets, self.tp.group, self.vocab_start, self.cfg.vocab_size)
+        return vocab_parallel_cross_entropy(logits, targets, self.tp.group, self.vocab_start, self.cfg.vocab_size,
+                                            inplace_backward=True)  # nobody else holds these logits
 
     @property
     def vocab_start(self) -> int:

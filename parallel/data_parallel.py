@@ -16,6 +16,8 @@ from torch import nn
 
 from parallel import comm
 
+ADD_CHUNK = 1 << 20  # elements per add_ when accumulating: bounds the temporary of a dtype conversion
+
 
 class Bucket:
     """A run of parameters sharing one flat gradient buffer (and one flat parameter buffer)."""
@@ -62,6 +64,7 @@ class GradBuckets:
                 self.buckets.append(Bucket(run, grad_dtype, self.dp, decay))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.expected = 1
+        self.accumulated: set[int] = set()
         self.launch_order: list[int] = []  # which buckets were launched, in order (tests read it)
         for p in self.bucket_of_params():
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -73,13 +76,21 @@ class GradBuckets:
         """Each parameter will receive `micro_batches` gradients before the step."""
         self.expected = micro_batches
         self.launch_order = []
+        self.accumulated = set()  # ids of parameters whose main_grad already holds a gradient
         for b in self.buckets:
-            b.grad.zero_()
             b.pending = len(b.params) * micro_batches
             b.finish = None
 
     def _on_grad(self, p: nn.Parameter) -> None:
-        p.main_grad.add_(p.grad)
+        # The first gradient of a step is copied (converted in the same pass), later ones added:
+        # no zeroing pass over the buckets, and no fp32 temporary of a bf16 gradient, which
+        # torch's mixed-dtype add_ makes (costly for the embedding and the head).
+        if id(p) in self.accumulated:
+            for main, grad in zip(p.main_grad.view(-1).split(ADD_CHUNK), p.grad.reshape(-1).split(ADD_CHUNK)):
+                main.add_(grad)
+        else:
+            p.main_grad.copy_(p.grad)
+            self.accumulated.add(id(p))
         p.grad = None  # the bucket holds the gradient now
         bucket = self.bucket_of[id(p)]
         bucket.pending -= 1
