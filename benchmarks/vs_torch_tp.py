@@ -1,6 +1,6 @@
 """Our tensor-parallel LLaMA against the same model parallelised by PyTorch's own tensor parallelism.
 
-    python -m benchmarks.vs_torch_tp [--dim 512 --layers 4 --heads 8 --vocab 4096 --batch 4 --seq 256 --steps 6]
+    python -m benchmarks.vs_torch_tp [--dim 512 --layers 4 --heads 8 --vocab 4096 --batch 4 --seq 256 --steps 16]
 
 Two CPU processes over gloo, tp=2, fp32, one thread per rank. A step is forward + backward, no
 optimizer (gradients are dropped, set to None, before each step and outside the timing).
@@ -18,18 +18,18 @@ optimizer (gradients are dropped, set to None, before each step and outside the 
             from the sequence-sharded embedding output.
 
 Both run in the same processes, steps interleaved (which goes first alternates) after a barrier, so
-machine noise hits both; one warm-up step each, whose losses must agree (the same model), then the
-median of --steps steps on rank 0. The ratio is ours / torch step time (target <= 0.8).
+machine noise hits both; one warm-up step each, whose losses must agree (the same model), then
+--steps rounds on rank 0. The ratio is the median of the per-round ratios ours / torch
+(`benchmarks.timing`; target <= 0.8).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import interleaved, medians, paired_ratio
 from benchmarks.vs_transformers import hf_model
 from llama.config import LlamaConfig
 from llama.model import Transformer
@@ -94,19 +94,15 @@ def _compare(cfg: LlamaConfig, sp: bool, batch: int, seq: int, steps: int):
         loss.backward()
         return loss.item()
 
-    fns = {"ours": (ours, our_step), "torch": (theirs, their_step)}
-    times = {k: [] for k in fns}
-    losses = {}
-    for step in range(steps + 1):  # step 0 warms up
-        for name in (("ours", "torch") if step % 2 else ("torch", "ours")):
-            model, fn = fns[name]
-            model.zero_grad(set_to_none=True)
-            torch.distributed.barrier(group)
-            start = time.perf_counter()
-            loss = fn()
-            times[name].append(time.perf_counter() - start)
-            losses.setdefault(name, loss)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}, losses
+    losses = {"ours": our_step(), "torch": their_step()}  # warm-up; the same model gives the same loss
+
+    def before():  # untimed: drop the gradients, line the ranks up
+        ours.zero_grad(set_to_none=True)
+        theirs.zero_grad(set_to_none=True)
+        torch.distributed.barrier(group)
+
+    times = interleaved({"ours": our_step, "torch": their_step}, steps, before)
+    return medians(times), paired_ratio(times, "ours", "torch"), losses
 
 
 def main() -> None:
@@ -117,7 +113,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
     if args.seq % TP:
         parser.error(f"--seq must be divisible by tp={TP} (sequence parallelism shards it)")
@@ -131,11 +127,11 @@ def main() -> None:
           f"{'ours tok/s':>10} {'torch tok/s':>11} {'ours/torch':>10}")
     tokens = args.batch * args.seq
     for sp in (False, True):
-        t, loss = run_on_ranks(_compare, TP, cfg, sp, args.batch, args.seq, args.steps, timeout=600)[0]
+        t, ratio, loss = run_on_ranks(_compare, TP, cfg, sp, args.batch, args.seq, args.steps, timeout=600)[0]
         diff = abs(loss['ours'] - loss['torch'])
         print(f"{str(sp):>5} {loss['ours']:>10.5f} {loss['torch']:>10.5f} {diff:>7.0e} "
               f"{t['ours']:>9.3f} {t['torch']:>9.3f} {tokens / t['ours']:>10.0f} {tokens / t['torch']:>11.0f} "
-              f"{t['ours'] / t['torch']:>10.3f}")
+              f"{ratio:>10.3f}")
         if diff > 1e-4:
             print(f"WARNING: the first-step losses differ by {diff:.1e}: not the same model")
     print("target: ours/torch <= 0.8")

@@ -71,20 +71,16 @@ def all_gather_start(tensor: torch.Tensor, group, dim: int = 0):
     if n == 1:
         return lambda: tensor
     dim = dim % tensor.dim()
-    # all_gather_into_tensor concatenates on dim 0; gather there and move the dimension back,
-    # which is free when every dimension before `dim` has size 1.
-    leading_ones = all(s == 1 for s in tensor.shape[:dim])
-    moved = tensor.reshape(tensor.shape[dim:]) if leading_ones else tensor.movedim(dim, 0)
-    moved = moved.contiguous()
-    out = torch.empty((n * moved.shape[0], *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    shard = tensor.contiguous()
+    # The collective stacks the shards on a new leading dim: [n, *shard.shape], no copy of the
+    # input. Moving that dim next to `dim` costs one copy, none when the dims before it are 1.
+    out = torch.empty((n, *shard.shape), dtype=tensor.dtype, device=tensor.device)
     _record("all_gather", out)
-    work = _all_gather_single(out, moved, group=group, async_op=True)
+    work = _all_gather_single(out.view(n * shard.shape[0], *shard.shape[1:]), shard, group=group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()
-        if leading_ones:
-            return out.view(*tensor.shape[:dim], *out.shape)
-        return out.movedim(0, dim).contiguous()
+        return out.movedim(0, dim).flatten(dim, dim + 1)
     return finish
 
 
@@ -111,13 +107,15 @@ def reduce_scatter_start(tensor: torch.Tensor, group, dim: int = 0):
     if tensor.shape[dim] % n:
         raise ValueError(f"reduce_scatter: size {tensor.shape[dim]} of dim {dim} is not divisible by {n} ranks")
     _record("reduce_scatter", tensor)
-    moved = tensor.movedim(dim, 0).contiguous()
-    out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    work = _reduce_scatter_single(out, moved, group=group, async_op=True)
+    # Rank r's slice of `dim` moved to a new leading dim (one copy, none when the dims before
+    # `dim` are 1): the collective then writes this rank's slice in its final layout.
+    stacked = tensor.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()
+    out = torch.empty(stacked.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    work = _reduce_scatter_single(out, stacked.view(n * out.shape[0], *out.shape[1:]), group=group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()
-        return out.movedim(0, dim).contiguous() if dim else out
+        return out
     return finish
 
 

@@ -7,7 +7,9 @@ When a bucket's parameters have all received their last micro-batch's gradient, 
 starts asynchronously (all-reduce; reduce-scatter under the distributed optimizer) while backward
 goes on; `finish()` waits for them before the optimiser step. Nothing is reduced for the
 micro-batches before the last of an accumulation. `overlap=False` reduces every bucket in
-`finish()` instead (same result, no overlap).
+`finish()` instead (same result, no overlap). Matmul weights whose dtype is the bucket's (fp32
+training) skip `param.grad` altogether: their layers write the weight-gradient GEMM into
+`main_grad` through `add_matmul` (Megatron-LM's gradient-accumulation fusion).
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ class GradBuckets:
         self.launch_order: list[int] = []  # which buckets were launched, in order (tests read it)
         for p in self.bucket_of_params():
             p.register_post_accumulate_grad_hook(self._on_grad)
+            # a matmul weight of the bucket's dtype has its gradient GEMM written into the bucket
+            p.main_grad_sink = self if p.dtype == grad_dtype else None
 
     def bucket_of_params(self):
         return [p for b in self.buckets for p in b.params]
@@ -85,13 +89,27 @@ class GradBuckets:
         # The first gradient of a step is copied (converted in the same pass), later ones added:
         # no zeroing pass over the buckets, and no fp32 temporary of a bf16 gradient, which
         # torch's mixed-dtype add_ makes (costly for the embedding and the head).
+        if p.grad is None:  # the hook still fires after add_matmul delivered it (the layer returned None)
+            return
         if id(p) in self.accumulated:
             for main, grad in zip(p.main_grad.view(-1).split(ADD_CHUNK), p.grad.reshape(-1).split(ADD_CHUNK)):
                 main.add_(grad)
         else:
             p.main_grad.copy_(p.grad)
-            self.accumulated.add(id(p))
         p.grad = None  # the bucket holds the gradient now
+        self._received(p)
+
+    def add_matmul(self, p: nn.Parameter, flat_grad: torch.Tensor, flat_x: torch.Tensor) -> None:
+        """main_grad += flat_gradᵀ flat_x, computed into the bucket (gradient-accumulation fusion:
+        the matmul layers call this instead of returning a gradient for `p`)."""
+        if id(p) in self.accumulated:
+            p.main_grad.addmm_(flat_grad.t(), flat_x)
+        else:
+            torch.mm(flat_grad.t(), flat_x, out=p.main_grad)
+        self._received(p)
+
+    def _received(self, p: nn.Parameter) -> None:
+        self.accumulated.add(id(p))
         bucket = self.bucket_of[id(p)]
         bucket.pending -= 1
         if bucket.pending == 0 and self.overlap:

@@ -89,7 +89,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp.group)
-        y = F.linear(x, self.weight)
+        (y,) = _ParallelMatmuls.apply(x, NO_TP, self.weight)
         return reduce_scatter_to_sp(y, self.tp.group) if self.tp.sp else reduce_from_tp(y, self.tp.group)
 
 
@@ -116,14 +116,18 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_scatter_to_sp(out, self.tp.group) if self.tp.sp else reduce_from_tp(out, self.tp.group)
 
 
-class _ColumnParallelMatmuls(torch.autograd.Function):
+class _ParallelMatmuls(torch.autograd.Function):
     """y_i = x_total W_iᵀ for several weights sharing one input; x_total is x gathered over the
-    sequence under sp (gather_from_sp), else x itself (copy_to_tp).
+    sequence under sp (gather_from_sp), else x itself (copy_to_tp). With `NO_TP` it is a plain
+    matmul (how the row-parallel layer and one process use it).
 
     Backward, with overlap (paper section 2.4, item 4; Megatron-LM's async grad all-reduce):
     under sp the input is re-gathered (it was not kept: Korthikanti et al.) while the
     input-gradient GEMM computes; then the input-gradient reduce-scatter (all-reduce without
-    sp) is in flight while the weight-gradient GEMMs compute.
+    sp) is in flight while the weight-gradient GEMMs compute. A weight whose gradient bucket has
+    its dtype (`main_grad_sink`, set by `parallel.data_parallel`) gets its gradient GEMM written
+    straight into the bucket: Megatron-LM's gradient-accumulation fusion, which saves a
+    gradient-sized allocation and a copy per weight.
     """
 
     @staticmethod
@@ -140,17 +144,30 @@ class _ColumnParallelMatmuls(torch.autograd.Function):
         gathered = comm.all_gather_start(x, tp.group, dim=SEQ_DIM) if tp.sp else (lambda: x)
         if not tp.overlap:
             gathered = _completed(gathered)
-        grad_total = sum(g.matmul(w) for g, w in zip(grads, weights))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_total = grads[0].matmul(weights[0])
+            flat_total = grad_total.view(-1, grad_total.shape[-1])
+            for g, w in zip(grads[1:], weights[1:]):  # summed in place: no temporary per weight
+                flat_total.addmm_(g.reshape(-1, g.shape[-1]), w)
+            start = comm.reduce_scatter_start if tp.sp else comm.all_reduce_start
+            grad_x = start(grad_total, tp.group, **({"dim": SEQ_DIM} if tp.sp else {}))
+            if not tp.overlap:
+                grad_x = _completed(grad_x)
         x_total = gathered()
-        if tp.sp:
-            grad_x = comm.reduce_scatter_start(grad_total, tp.group, dim=SEQ_DIM)
-        else:
-            grad_x = comm.all_reduce_start(grad_total, tp.group)
-        if not tp.overlap:
-            grad_x = _completed(grad_x)
         flat_x = x_total.reshape(-1, x_total.shape[-1])
-        grad_ws = [g.reshape(-1, g.shape[-1]).t().matmul(flat_x) for g in grads]
-        return (grad_x(), None, *grad_ws)
+        grad_ws = [_weight_grad(w, g.reshape(-1, g.shape[-1]), flat_x) if needed else None
+                   for w, g, needed in zip(weights, grads, ctx.needs_input_grad[2:])]
+        return (grad_x() if grad_x else None, None, *grad_ws)
+
+
+def _weight_grad(weight, flat_grad, flat_x):
+    """gradᵀ x, or None once it has been accumulated into the weight's gradient bucket."""
+    sink = getattr(weight, "main_grad_sink", None)
+    if sink is None:
+        return flat_grad.t().matmul(flat_x)
+    sink.add_matmul(weight, flat_grad, flat_x)
+    return None
 
 
 def _completed(finish):
@@ -162,9 +179,6 @@ def _completed(finish):
 def column_parallel(x, *layers: ColumnParallelLinear):
     """Run column-parallel layers that share the input `x`; returns one output per layer."""
     tp = layers[0].tp
-    if tp.size == 1:
-        outs = tuple(F.linear(x, layer.weight) for layer in layers)
-    else:
-        outs = _ColumnParallelMatmuls.apply(x, tp, *(layer.weight for layer in layers))
+    outs = _ParallelMatmuls.apply(x, tp, *(layer.weight for layer in layers))
     return tuple(gather_from_tp(y, tp.group) if layer.gather_output else y for y, layer in zip(outs, layers))
 

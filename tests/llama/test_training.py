@@ -10,6 +10,7 @@ from llama.config import ConfigError, LlamaConfig
 from llama.model import Transformer
 from llama.train import ByteDemoData, check_batch, main, train
 from parallel.data_parallel import GradBuckets
+from parallel.layers import TensorParallel
 from parallel.params import init_parameters
 from parallel.topology import build_topology
 from tests.distributed import run_on_ranks, topology
@@ -28,6 +29,39 @@ def test_eight_micro_batches_of_one_equal_one_of_eight():
         assert abs(x - y) <= 1e-5 * abs(y)
     for pa, pb in zip(a.chunks[0].parameters(), b.chunks[0].parameters()):
         assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def _bucket_gradients_against_autograd(tp_size, dtype, sp):
+    """Two micro-batches through buckets (fp32: the weight-gradient GEMMs write into the bucket;
+    bf16: copied, then added) against the same model's plain autograd gradients, summed in fp32."""
+    tp = TensorParallel(topology(tp=tp_size, pp=1).tp_group, sp=sp) if tp_size > 1 else TensorParallel()
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
+    models = [Transformer(cfg, tp=tp, attention="sdpa", dtype=dtype) for _ in range(2)]
+    for model in models:
+        init_parameters(model, 0)
+    buckets = GradBuckets(list(models[0].parameters()), None)
+    fused = [p for p in models[0].parameters() if p.main_grad_sink is not None]
+    assert bool(fused) == (dtype == torch.float32)
+    buckets.start_step(2)
+    reference = {name: torch.zeros(p.shape) for name, p in models[1].named_parameters()}
+    for micro in range(2):
+        tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(micro))
+        models[0](tokens[:, :-1], tokens[:, 1:]).backward()
+        models[1](tokens[:, :-1], tokens[:, 1:]).backward()
+        for name, p in models[1].named_parameters():
+            reference[name] += p.grad.float()
+            p.grad = None
+    buckets.finish()
+    for name, p in models[0].named_parameters():
+        assert p.grad is None
+        diff = (p.main_grad - reference[name]).abs().max().item()
+        assert diff <= 1e-6 * max(1.0, reference[name].abs().max().item()), f"{name}: {diff:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bucket_gradients_equal_autograd(dtype):
+    _bucket_gradients_against_autograd(1, dtype, False)
+    run_on_ranks(_bucket_gradients_against_autograd, 2, 2, dtype, True)
 
 
 def _first_bucket_launches_during_backward(overlap):
