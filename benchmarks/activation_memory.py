@@ -10,12 +10,13 @@ sequence parallelism (per rank).
 Formula, in bytes, with E = s·b·h and F = s·b·f elements (f the FFN width, 8h/3 rounded), a heads,
 t = tp, and r = t under sequence parallelism else 1 (what only sp divides):
 
-  none       16E/r   two RMSNorms, each keeping its fp32 input copy (4), the normalised x (2,
-                     for the gain's gradient) and its output (2, the next matmul's input)
-           + 8E/t    q and k after RoPE, v, the attention output (2 each)
-           + 8F/t    w1·x, w3·x, silu(w1·x), and their product (2 each)
+  none        8E/r   two RMSNorms, each keeping its input (2) and the per-token 1/rms, its
+                     output kept by the next matmul (2)
+           + 8E/t    q and k after RoPE, v, the attention output (2 each); RoPE keeps nothing
+                     but its tables (its backward is the inverse rotation)
+           + 6F/t    w1·x and w3·x (kept by SwiGLU, which recomputes silu) and their product (2 each)
            + 4asb/t  the attention kernel's log-sum-exp (fp32)
-           + 8sb/r + 4s·h/a   the norms' 1/rms (fp32) and RoPE's bf16 cos/sin tables
+           + 8sb/r   the norms' 1/rms (fp32)
   selective  2E/r    the layer input, then only matmul and attention outputs (the paper's choice):
            + 8E/t    q, k, v before RoPE and the attention output
            + 4E      wo's and w2's outputs: partial sums of the full width before the tp reduction
@@ -23,7 +24,7 @@ t = tp, and r = t under sequence parallelism else 1 (what only sp divides):
            + 4asb/t
   full       2E/r    the layer input
 
-In Korthikanti's units (bytes / sbh, f = 8h/3): none ≈ 16/r + 29.3/t, selective ≈ 2/r + 4 + 18.7/t,
+In Korthikanti's units (bytes / sbh, f = 8h/3): none ≈ 8/r + 24/t, selective ≈ 2/r + 4 + 18.7/t,
 full 2/r; their GPT layer (dropout, 4h GELU MLP, no flash attention) is 10 + 24/t + 5as/(ht) without
 sp and 34/t + 5as/(ht) with it.
 """
@@ -47,7 +48,7 @@ def formula(mode: str, s: int, b: int, h: int, f: int, a: int, t: int, sp: bool)
     E, F, r = s * b * h, s * b * f, (t if sp else 1)
     lse = 4 * a * s * b / t
     if mode == "none":
-        return 16 * E / r + 8 * E / t + 8 * F / t + lse + 8 * s * b / r + 4 * s * h / a
+        return 8 * E / r + 8 * E / t + 6 * F / t + lse + 8 * s * b / r
     if mode == "selective":
         return 2 * E / r + 8 * E / t + 4 * E + 4 * F / t + lse
     return 2 * E / r

@@ -26,9 +26,19 @@ def interleaved(steps: dict[str, Callable[[], object]], rounds: int, before: Cal
     return {name: t[1:] for name, t in times.items()}
 
 
+def round_ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
+    return [x / y for x, y in zip(times[a], times[b])]
+
+
 def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of a's time / b's time (see the module docstring)."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return statistics.median(round_ratios(times, a, b))
+
+
+def spread(times: dict[str, list[float]], a: str, b: str) -> str:
+    """The middle half of the per-round ratios, 'q1-q3', to print beside the median."""
+    q1, _, q3 = statistics.quantiles(round_ratios(times, a, b), n=4)
+    return f"{q1:.2f}-{q3:.2f}"
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:

@@ -33,10 +33,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the angles of cos/sin [seq, head_dim/2].
 
     The tables are fp32; the product runs in x's dtype (in bf16 as Hugging Face's code does,
-    where Meta's upcasts: the upcast costs two full copies of q and k per layer)."""
+    where Meta's upcasts: the upcast costs two full copies of q and k per layer). The rotation
+    is orthogonal, so backward rotates the gradient back by the same angles: nothing but the
+    tables is kept for it."""
+    return _Rotary.apply(x, cos, sin)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def _rotate(x, cos, sin, direction: float):
+    """(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) per pair, by angle × direction, into one new tensor."""
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out0, out1 = out.unflatten(-1, (-1, 2)).unbind(-1)
+    torch.mul(x0, cos, out=out0).addcmul_(x1, sin, value=-direction)
+    torch.mul(x0, sin, out=out1).mul_(direction).addcmul_(x1, cos)
+    return out
 
 
 @functools.cache

@@ -3,7 +3,8 @@ global gradient-norm clipping and skipping of non-finite steps.
 
 Mixed precision (Micikevicius et al.): parameters (and so activations) may be bf16; gradients
 accumulate in fp32 buckets (`parallel.data_parallel`); AdamW updates fp32 master copies, which
-are cast back into the parameters. In the pure fp32 mode the same path runs with fp32 parameters.
+are cast back into the parameters. In the pure fp32 mode the same path runs with fp32 parameters,
+which are then their own master weights.
 
 Distributed optimizer: each data-parallel rank owns 1/dp of every bucket, holds the master
 weights and Adam moments of that slice only, receives the gradients of that slice by
@@ -48,7 +49,9 @@ class Optimizer:
         for b in buckets.buckets:
             lo, hi = (dp_rank * b.shard_size, (dp_rank + 1) * b.shard_size) if distributed else (0, b.numel)
             self.ranges.append((lo, hi))
-            self.masters.append(b.data[lo:hi].detach().float().clone())
+            # fp32 parameters are their own master weights (no copy to keep, none to write back)
+            shard = b.data[lo:hi].detach()
+            self.masters.append(shard if shard.dtype == torch.float32 else shard.float())
             self.norm_slices.append(self._counted_slices(b, lo, hi))
         groups = [{"params": [m], "weight_decay": weight_decay if b.decay else 0.0}
                   for m, b in zip(self.masters, buckets.buckets)]
@@ -99,7 +102,8 @@ class Optimizer:
         self.steps_taken += 1
         for master, (lo, hi), b in zip(self.masters, self.ranges, self.buckets.buckets):
             master.grad = None
-            b.data[lo:hi].copy_(master)
+            if master.data_ptr() != b.data[lo:hi].data_ptr():
+                b.data[lo:hi].copy_(master)
             if self.distributed:
                 comm.all_gather_into(b.data, b.data[lo:hi], self.buckets.dp_group)
         return norm, False
