@@ -2,11 +2,14 @@
 
     python -m benchmarks.vs_torch_tp [--dim 512 --layers 4 --heads 8 --vocab 4096 --batch 4 --seq 256 --steps 16]
 
-Two CPU processes over gloo, tp=2, fp32, one thread per rank. A step is forward + backward, no
-optimizer (gradients are dropped, set to None, before each step and outside the timing).
+Two CPU processes over gloo, tp=2, fp32, one thread per rank. A step is forward + backward into
+complete gradients, no optimizer (gradients are dropped before each step, outside the timing).
 
     ours    llama.model.Transformer with TensorParallel(sp=False / True): Megatron column/row layers,
-            vocab-parallel embedding, output layer and cross-entropy (logits are never gathered).
+            vocab-parallel embedding, output layer and cross-entropy (logits are never gathered),
+            gradients into the trainer's buckets (parallel.data_parallel.GradBuckets, dp=1): the
+            weight-gradient GEMMs write into them, and under sp the norms' partial gradients are
+            summed across tp in one all-reduce.
     torch   transformers' LlamaForCausalLM with the same weights, parallelised with
             torch.distributed.tensor.parallel.parallelize_module the way torchtitan does Llama:
             q/k/v, gate/up ColwiseParallel; o_proj, down_proj RowwiseParallel; embed_tokens
@@ -29,10 +32,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import interleaved, medians, paired_ratio
+from benchmarks.timing import interleaved, medians, paired_ratio, spread
 from benchmarks.vs_transformers import hf_model
 from llama.config import LlamaConfig
 from llama.model import Transformer
+from parallel.data_parallel import GradBuckets
 from parallel.layers import TensorParallel
 from parallel.params import init_parameters
 from tests.distributed import run_on_ranks, topology
@@ -75,6 +79,7 @@ def _compare(cfg: LlamaConfig, sp: bool, batch: int, seq: int, steps: int):
     group = topology(tp=TP).tp_group
     ours = Transformer(cfg, tp=TensorParallel(group, sp=sp), attention="sdpa")
     init_parameters(ours, 0)
+    buckets = GradBuckets(list(ours.parameters()), None, tp_group=group)
     full = Transformer(cfg, attention="sdpa")  # the same logical weights, unsharded, for transformers
     init_parameters(full, 0)
     theirs = parallelize_hf(hf_model(cfg, full, torch.float32), init_device_mesh("cpu", (TP,)), sp)
@@ -84,8 +89,10 @@ def _compare(cfg: LlamaConfig, sp: bool, batch: int, seq: int, steps: int):
     positions = torch.arange(seq).unsqueeze(0)
 
     def our_step():
+        buckets.start_step(1)
         loss = ours(x, y)
         loss.backward()
+        buckets.finish()
         return loss.item()
 
     def their_step():
@@ -102,7 +109,7 @@ def _compare(cfg: LlamaConfig, sp: bool, batch: int, seq: int, steps: int):
         torch.distributed.barrier(group)
 
     times = interleaved({"ours": our_step, "torch": their_step}, steps, before)
-    return medians(times), paired_ratio(times, "ours", "torch"), losses
+    return medians(times), (paired_ratio(times, "ours", "torch"), spread(times, "ours", "torch")), losses
 
 
 def main() -> None:
@@ -124,14 +131,14 @@ def main() -> None:
           f"(2 CPU processes, 1 thread each); forward+backward, no optimizer; median of {args.steps} steps")
     print("torch = transformers LlamaForCausalLM + torch.distributed.tensor.parallel (torchtitan's plan)")
     print(f"{'sp':>5} {'loss ours':>10} {'loss torch':>10} {'|diff|':>7} {'ours (s)':>9} {'torch (s)':>9} "
-          f"{'ours tok/s':>10} {'torch tok/s':>11} {'ours/torch':>10}")
+          f"{'ours tok/s':>10} {'torch tok/s':>11} {'ours/torch':>10} {'middle half':>11}")
     tokens = args.batch * args.seq
     for sp in (False, True):
-        t, ratio, loss = run_on_ranks(_compare, TP, cfg, sp, args.batch, args.seq, args.steps, timeout=600)[0]
+        t, (ratio, middle), loss = run_on_ranks(_compare, TP, cfg, sp, args.batch, args.seq, args.steps, timeout=600)[0]
         diff = abs(loss['ours'] - loss['torch'])
         print(f"{str(sp):>5} {loss['ours']:>10.5f} {loss['torch']:>10.5f} {diff:>7.0e} "
               f"{t['ours']:>9.3f} {t['torch']:>9.3f} {tokens / t['ours']:>10.0f} {tokens / t['torch']:>11.0f} "
-              f"{ratio:>10.3f}")
+              f"{ratio:>10.3f} {middle:>11}")
         if diff > 1e-4:
             print(f"WARNING: the first-step losses differ by {diff:.1e}: not the same model")
     print("target: ours/torch <= 0.8")

@@ -129,7 +129,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
                           dtype=DTYPES[t.dtype])
     params = [p for c in chunks for p in c.parameters()]
     buckets = GradBuckets(params, topo.dp_group, t.bucket_mb, reduce_scatter=t.distributed_optimizer,
-                          overlap=t.overlap_grad_reduce, decays=decays)
+                          overlap=t.overlap_grad_reduce, decays=decays, tp_group=topo.tp_group)
     optimizer = Optimizer(buckets, topo, t.lr, (t.beta1, t.beta2), weight_decay=t.weight_decay,
                           grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
     p2p = PipelineP2P(topo, ring=t.vpp > 1)

@@ -46,9 +46,15 @@ class Bucket:
 
 class GradBuckets:
     def __init__(self, params: list[nn.Parameter], dp_group, bucket_mb: float = 25.0, grad_dtype=torch.float32,
-                 reduce_scatter: bool = False, overlap: bool = True, decays=None):
-        """`decays(param) -> bool` splits buckets so that one bucket has one weight-decay setting."""
+                 reduce_scatter: bool = False, overlap: bool = True, decays=None, tp_group=None):
+        """`decays(param) -> bool` splits buckets so that one bucket has one weight-decay setting.
+
+        `tp_group`: the buckets then also sum, across tp, the partial gradients of parameters
+        marked `sequence_parallel` (the norm weights under sp): all of a bucket's in one
+        all-reduce when the bucket is complete, instead of one blocking all-reduce per norm in
+        backward (Megatron-LM does it after backward, in finalize_model_grads)."""
         self.dp_group, self.dp, self.dp_rank = dp_group, comm.group_size(dp_group), comm.group_rank(dp_group)
+        self.tp_group = tp_group
         self.reduce_scatter, self.overlap = reduce_scatter, overlap
         decays = decays or (lambda p: True)
         self.buckets: list[Bucket] = []
@@ -65,6 +71,10 @@ class GradBuckets:
             if run:
                 self.buckets.append(Bucket(run, grad_dtype, self.dp, decay))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        for b in self.buckets:
+            b.tp_partial = [p for p in b.params if getattr(p, "sequence_parallel", False) and tp_group is not None]
+            for p in b.tp_partial:
+                p.grad_summed_by_buckets = True  # the layer skips its own all-reduce (parallel.norm)
         self.expected = 1
         self.accumulated: set[int] = set()
         self.launch_order: list[int] = []  # which buckets were launched, in order (tests read it)
@@ -116,6 +126,11 @@ class GradBuckets:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
+        if bucket.tp_partial:  # sum the sequence-parallel partial gradients across tp, in one go
+            flat = torch.cat([p.main_grad.reshape(-1) for p in bucket.tp_partial])
+            comm.all_reduce(flat, self.tp_group)
+            for p, summed in zip(bucket.tp_partial, flat.split([p.numel() for p in bucket.tp_partial])):
+                p.main_grad.copy_(summed.view_as(p))
         bucket.grad.div_(self.dp)  # average, not sum, over data-parallel replicas
         if self.reduce_scatter:
             bucket.finish = comm.reduce_scatter_start(bucket.grad, self.dp_group, dim=0)

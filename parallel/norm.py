@@ -8,7 +8,9 @@ the squares are summed without materialising them.
 
 Under sequence parallelism every tp rank normalises a different slice of the sequence, so the
 weight's gradient is only a partial sum: the weight enters through copy_to_tp, whose backward
-all-reduces that gradient across tp. Without sp every rank sees the same input and gradient.
+all-reduces that gradient across tp, unless the gradient buckets sum it later with the other
+norms' (`sequence_parallel` marks the weight; `parallel.data_parallel`, as the trainer does).
+Without sp every rank sees the same input and gradient.
 """
 from __future__ import annotations
 
@@ -53,7 +55,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.dim, self.eps, self.tp = dim, eps, tp
         self.weight = make_param((dim,), (dim,), None, tp.rank, tp.size, None, device, dtype)
+        self.weight.sequence_parallel = tp.sp and tp.size > 1  # its gradient is a partial sum over tp
 
     def forward(self, x):
-        weight = copy_to_tp(self.weight, self.tp.group) if self.tp.sp else self.weight
+        summed_later = getattr(self.weight, "grad_summed_by_buckets", False)
+        weight = copy_to_tp(self.weight, self.tp.group) if self.tp.sp and not summed_later else self.weight
         return _RMSNormFunction.apply(x, weight, self.eps)
