@@ -41,6 +41,23 @@ def hf_model(cfg: LlamaConfig, ours: Transformer, dtype):
     return model.train()
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+
+
+def time_split(step, rounds: int = 4) -> dict[str, float]:
+    """Seconds per step in GEMMs, in the attention kernels and in everything else (profiler self times)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        for _ in range(rounds):
+            step()
+    split = {"GEMM": 0.0, "attention": 0.0, "rest": 0.0}
+    for event in prof.key_averages():
+        kind = ("GEMM" if event.key in GEMM_OPS else
+                "attention" if "scaled_dot_product" in event.key else "rest")
+        split[kind] += event.self_cpu_time_total / 1e6 / rounds
+    return split
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=512)
@@ -54,6 +71,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--hf-bf16", choices=["amp", "pure"], default="amp",
                         help="how transformers trains in bf16 (see above)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split each side's step into GEMM, attention and the rest (torch.profiler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -99,6 +118,13 @@ def main() -> None:
         print(f"{k:>14} {v:>9.3f} {args.batch * args.seq / v:>9.0f}")
     print(f"ratio ours / transformers (median of per-round ratios): {ratio:.3f}, middle half "
           f"{spread(times, 'ours', 'transformers')} (target <= 0.85)")
+    if args.profile:  # where the time goes; both sides run the same GEMM shapes and attention kernel
+        split = {"ours": time_split(our_step), "transformers": time_split(their_step)}
+        print(f"{'profiled (s/step)':>18} {'GEMM':>7} {'attention':>9} {'rest':>7} {'total':>7}")
+        for k, v in split.items():
+            print(f"{k:>18} {v['GEMM']:>7.3f} {v['attention']:>9.3f} {v['rest']:>7.3f} {sum(v.values()):>7.3f}")
+        floor = (split["ours"]["GEMM"] + split["ours"]["attention"]) / sum(split["transformers"].values())
+        print(f"ours' GEMMs and attention alone take {floor:.2f} of transformers' whole step")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = grad * b  # then silu's derivative applied in place: one allocation
+            torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
         grad_b = F.silu(a).mul_(grad) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
 
