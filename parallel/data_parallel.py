@@ -96,30 +96,35 @@ class GradBuckets:
             b.finish = None
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        # Autograd calls this once per backward for each parameter, however many times it was
+        # used; p.grad is None when every use went through add_matmul.
         # The first gradient of a step is copied (converted in the same pass), later ones added:
         # no zeroing pass over the buckets, and no fp32 temporary of a bf16 gradient, which
         # torch's mixed-dtype add_ makes (costly for the embedding and the head).
-        if p.grad is None:  # the hook still fires after add_matmul delivered it (the layer returned None)
-            return
-        if id(p) in self.accumulated:
-            for main, grad in zip(p.main_grad.view(-1).split(ADD_CHUNK), p.grad.reshape(-1).split(ADD_CHUNK)):
-                main.add_(grad)
-        else:
-            p.main_grad.copy_(p.grad)
-        p.grad = None  # the bucket holds the gradient now
+        if p.grad is not None:
+            if id(p) in self.accumulated:
+                for main, grad in zip(p.main_grad.view(-1).split(ADD_CHUNK), p.grad.reshape(-1).split(ADD_CHUNK)):
+                    main.add_(grad)
+            else:
+                p.main_grad.copy_(p.grad)
+                self.accumulated.add(id(p))
+            p.grad = None  # the bucket holds the gradient now
+        elif id(p) not in self.accumulated:  # no gradient at all this step: zero, never last step's
+            p.main_grad.zero_()
+            self.accumulated.add(id(p))
         self._received(p)
 
     def add_matmul(self, p: nn.Parameter, flat_grad: torch.Tensor, flat_x: torch.Tensor) -> None:
         """main_grad += flat_gradᵀ flat_x, computed into the bucket (gradient-accumulation fusion:
-        the matmul layers call this instead of returning a gradient for `p`)."""
+        the matmul layers call this instead of returning a gradient for `p`; the post-accumulate
+        hook still fires, once, and counts the parameter)."""
         if id(p) in self.accumulated:
             p.main_grad.addmm_(flat_grad.t(), flat_x)
         else:
             torch.mm(flat_grad.t(), flat_x, out=p.main_grad)
-        self._received(p)
+            self.accumulated.add(id(p))
 
     def _received(self, p: nn.Parameter) -> None:
-        self.accumulated.add(id(p))
         bucket = self.bucket_of[id(p)]
         bucket.pending -= 1
         if bucket.pending == 0 and self.overlap:

@@ -139,11 +139,14 @@ class _ParallelMatmuls(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, *weights = ctx.saved_tensors
+        x, *saved_weights = ctx.saved_tensors  # unpacked once: checkpointing allows no second time
         tp = ctx.tp
         gathered = comm.all_gather_start(x, tp.group, dim=SEQ_DIM) if tp.sp else (lambda: x)
         if not tp.overlap:
             gathered = _completed(gathered)
+        # Under autocast the forward ran in the autocast dtype and so do the gradients: the
+        # saved input and weights are cast to it (what autocast's own backward does).
+        weights = [w.to(grads[0].dtype) for w in saved_weights]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_total = grads[0].matmul(weights[0])
@@ -157,15 +160,15 @@ class _ParallelMatmuls(torch.autograd.Function):
         x_total = gathered()
         flat_x = x_total.reshape(-1, x_total.shape[-1])
         grad_ws = [_weight_grad(w, g.reshape(-1, g.shape[-1]), flat_x) if needed else None
-                   for w, g, needed in zip(weights, grads, ctx.needs_input_grad[2:])]
-        return (grad_x() if grad_x else None, None, *grad_ws)
+                   for w, g, needed in zip(saved_weights, grads, ctx.needs_input_grad[2:])]
+        return (grad_x().to(x.dtype) if grad_x else None, None, *grad_ws)
 
 
 def _weight_grad(weight, flat_grad, flat_x):
     """gradᵀ x, or None once it has been accumulated into the weight's gradient bucket."""
     sink = getattr(weight, "main_grad_sink", None)
-    if sink is None:
-        return flat_grad.t().matmul(flat_x)
+    if sink is None or flat_grad.dtype != weight.main_grad.dtype:
+        return flat_grad.t().matmul(flat_x.to(flat_grad.dtype)).to(weight.dtype)
     sink.add_matmul(weight, flat_grad, flat_x)
     return None
 

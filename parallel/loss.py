@@ -38,7 +38,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         valid = min(max(vocab_size - vocab_start, 0), local_vocab)  # this slice's non-padding columns
         local_max = torch.full((n,), float("-inf"), device=logits.device)
         sum_exp = torch.zeros(n, device=logits.device)
-        if valid:
+        if valid and n:
             chunks = _row_chunks(logits)
             work = torch.empty(chunks[0][1], valid, device=logits.device)  # one fp32 buffer, reused
             for lo, hi in chunks:
@@ -71,6 +71,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.used = True
         logits, log_sum_exp, local_target, not_here, ignored = ctx.saved_tensors
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
+        if not logits.numel():
+            return grad, None, None, None, None, None, None
         scale = grad_loss.masked_fill(ignored, 0.0)
         hit = (~not_here).float()
         chunks = _row_chunks(logits)

@@ -70,10 +70,14 @@ class Optimizer:
                 out.append(slice(start - lo, end - lo))
         return out
 
+    def _master_is_param(self, i: int) -> bool:
+        lo, hi = self.ranges[i]
+        return self.masters[i].data_ptr() == self.buckets.buckets[i].data[lo:hi].data_ptr()
+
     def state_bytes(self) -> int:
-        """Bytes of fp32 master weights and Adam moments held by this rank."""
-        per = [m.numel() * m.element_size() for m in self.masters]
-        return sum(per) * 3
+        """Bytes of fp32 master weights (unless the parameters serve as them) and Adam moments held by this rank."""
+        return sum(m.numel() * m.element_size() * (2 if self._master_is_param(i) else 3)
+                   for i, m in enumerate(self.masters))
 
     def global_grad_norm(self, grads) -> float:
         pieces = [g[s] for g, slices in zip(grads, self.norm_slices) for s in slices]
@@ -100,9 +104,9 @@ class Optimizer:
             group["lr"] = lr
         self.adam.step()
         self.steps_taken += 1
-        for master, (lo, hi), b in zip(self.masters, self.ranges, self.buckets.buckets):
+        for i, (master, (lo, hi), b) in enumerate(zip(self.masters, self.ranges, self.buckets.buckets)):
             master.grad = None
-            if master.data_ptr() != b.data[lo:hi].data_ptr():
+            if not self._master_is_param(i):
                 b.data[lo:hi].copy_(master)
             if self.distributed:
                 comm.all_gather_into(b.data, b.data[lo:hi], self.buckets.dp_group)
@@ -125,6 +129,10 @@ class Optimizer:
     def load_bucket_state(self, i: int, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
         master = self.masters[i]
         master.copy_(tensors["master"])
+        if self.distributed and self._master_is_param(i):
+            # this rank just wrote its slice of the parameters: every dp rank needs every slice
+            b = self.buckets.buckets[i]
+            comm.all_gather_into(b.data, master, self.buckets.dp_group)
         self.steps_taken = adam_step
         if "step" in self.adam.param_groups[i]:  # apex's FusedAdam counts steps per group
             self.adam.param_groups[i]["step"] = adam_step

@@ -139,3 +139,42 @@ def test_a_checkpoint_some_stages_cannot_load_fails_on_every_rank(tmp_path):
     out = run_on_ranks(_init_from_a_smaller_model, 2, str(tmp_path))
     assert out[1].startswith("CheckpointError: checkpoint has no tensor 'layers.4"), out
     assert out[0] == "CheckpointError: another rank could not load the checkpoint (its error says why)", out
+
+
+def _bf16_zero1_checkpoint_resumed_in_fp32(root):
+    from llama.config import LlamaConfig
+    from llama.model import Transformer
+    from parallel.checkpoint import save_checkpoint
+    from parallel.data_parallel import GradBuckets
+    from parallel.optimizer import Optimizer
+    from parallel.params import init_parameters
+    topo = topology(tp=1, pp=1)  # dp = 2
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
+
+    def build(dtype):
+        model = Transformer(cfg, attention="sdpa", dtype=dtype)
+        init_parameters(model, 0)
+        buckets = GradBuckets(list(model.parameters()), topo.dp_group, reduce_scatter=True)
+        return model, buckets, Optimizer(buckets, topo, 1e-2, distributed=True)
+
+    model, buckets, opt = build(torch.bfloat16)
+    for step in range(2):
+        buckets.start_step(1)
+        tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(topo.dp_rank + 7 * step))
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        opt.step(1e-2)
+    save_checkpoint(root, 2, [model], opt, topo, meta={"consumed_samples": 0})
+    resumed, _, resumed_opt = build(torch.float32)
+    load_checkpoint(root, [resumed], resumed_opt, topo)
+    flat = torch.cat([p.detach().reshape(-1) for p in resumed.parameters()])
+    rank0 = flat.clone()
+    torch.distributed.broadcast(rank0, 0)
+    masters = torch.cat([m.reshape(-1) for m in opt.masters])
+    return (flat - rank0).abs().max().item(), masters
+
+
+def test_a_bf16_zero1_checkpoint_resumed_in_fp32_gives_every_rank_the_same_weights(tmp_path):
+    """In fp32 the parameters are the master weights: each dp rank loads its slice of the fp32
+    masters into them, and the slices must then be gathered, or the replicas differ."""
+    outs = run_on_ranks(_bf16_zero1_checkpoint_resumed_in_fp32, 2, str(tmp_path))
+    assert [diff for diff, _ in outs] == [0.0, 0.0]

@@ -127,3 +127,20 @@ def test_vocab_parallel_embedding(tp_size, sp):
 @pytest.mark.parametrize("sp", [False, True])
 def test_rms_norm(tp_size, sp):
     run_on_ranks(_norm, tp_size, tp_size, sp)
+
+
+def test_linear_layers_under_autocast_match_torch_linear():
+    """fp32 weights, bf16 autocast: the same output and gradients as F.linear under autocast."""
+    torch.manual_seed(0)
+    for layer in (ColumnParallelLinear(H, 2 * H), RowParallelLinear(2 * H, H)):
+        torch.nn.init.normal_(layer.weight, std=0.2)
+        ref_weight = layer.weight.detach().clone().requires_grad_()
+        x = torch.randn(B, S, layer.weight.shape[1], requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_ref = layer(x), torch.nn.functional.linear(x_ref, ref_weight)
+        assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+        y.float().sum().backward()
+        y_ref.float().sum().backward()
+        assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+        assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, ref_weight.grad)

@@ -79,3 +79,11 @@ def test_vocab_parallel_cross_entropy_is_stable_for_huge_logits():
     assert torch.isfinite(loss) and abs(loss.item() - 1e4) < 1e-3
     loss.backward()
     assert torch.allclose(logits.grad, torch.tensor([[1.0, -1.0, 0.0, 0.0]]))
+
+
+def test_no_tokens():
+    logits = torch.zeros(0, 8, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.shape == (0, 8)
