@@ -52,14 +52,13 @@ class _Rotary(torch.autograd.Function):
 
 
 def _rotate(x, cos, sin, direction: float):
-    """(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) per pair, by angle × direction, into one new tensor."""
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    out0, out1 = out.unflatten(-1, (-1, 2)).unbind(-1)
-    torch.mul(x0, cos, out=out0).addcmul_(x1, sin, value=-direction)
-    torch.mul(x0, sin, out=out1).mul_(direction).addcmul_(x1, cos)
-    return out
+    """(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) per pair, by angle × direction, as
+    x·C + swap(x)·S with C = (cos, cos), S = (-sin, sin) interleaved and swap(x0, x1) = (x1, x0):
+    three contiguous passes, where pair-strided arithmetic is 3x slower in bf16 on a CPU."""
+    c = torch.stack((cos, cos), dim=-1).flatten(-2)[:, None, :].to(x.dtype)
+    s = (torch.stack((-sin, sin), dim=-1).flatten(-2) * direction)[:, None, :].to(x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x * c).addcmul_(swapped, s)
 
 
 @functools.cache
