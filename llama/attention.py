@@ -54,11 +54,13 @@ class _Rotary(torch.autograd.Function):
 def _rotate(x, cos, sin, direction: float):
     """(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) per pair, by angle × direction, as
     x·C + swap(x)·S with C = (cos, cos), S = (-sin, sin) interleaved and swap(x0, x1) = (x1, x0):
-    three contiguous passes, where pair-strided arithmetic is 3x slower in bf16 on a CPU."""
+    contiguous passes, where pair-strided arithmetic is 3x slower in bf16 on a CPU."""
     c = torch.stack((cos, cos), dim=-1).flatten(-2)[:, None, :].to(x.dtype)
     s = (torch.stack((-sin, sin), dim=-1).flatten(-2) * direction)[:, None, :].to(x.dtype)
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (x * c).addcmul_(swapped, s)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # a copy: scaled in place next
+    # mul then add, not addcmul: a fused multiply-add rounds differently in vectorised and
+    # scalar loops, which would make results depend on the batch size
+    return (x * c).add_(swapped.mul_(s))
 
 
 @functools.cache
