@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import interleaved, medians, paired_ratio, spread
-from benchmarks.vs_transformers import hf_model
+from benchmarks.vs_transformers import add_model_arguments, hf_model, model_config
 from llama.config import LlamaConfig
 from llama.model import Transformer
 from parallel.data_parallel import GradBuckets
@@ -114,18 +114,11 @@ def _compare(cfg: LlamaConfig, sp: bool, batch: int, seq: int, steps: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=16)
+    add_model_arguments(parser, layers=4, vocab=4096, steps=16)
     args = parser.parse_args()
     if args.seq % TP:
         parser.error(f"--seq must be divisible by tp={TP} (sequence parallelism shards it)")
-    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
-                      multiple_of=64, max_seq_len=args.seq)
+    cfg = model_config(args)
     print(f"LLaMA dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} vocab={cfg.vocab_size} "
           f"({cfg.num_params() / 1e6:.1f}M params), batch {args.batch}x{args.seq}, fp32, tp={TP} on gloo "
           f"(2 CPU processes, 1 thread each); forward+backward, no optimizer; median of {args.steps} steps")

@@ -41,6 +41,18 @@ def hf_model(cfg: LlamaConfig, ours: Transformer, dtype):
     return model.train()
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, layers: int, vocab: int, steps: int) -> None:
+    """The model and batch options the side-by-side benchmarks share (see `model_config`)."""
+    for flag, default in (("--dim", 512), ("--layers", layers), ("--heads", 8), ("--vocab", vocab),
+                          ("--batch", 4), ("--seq", 256), ("--steps", steps)):
+        parser.add_argument(flag, type=int, default=default)
+
+
+def model_config(args) -> LlamaConfig:
+    return LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
+                       multiple_of=64, max_seq_len=args.seq)
+
+
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
 
 
@@ -60,13 +72,7 @@ def time_split(step, rounds: int = 4) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
+    add_model_arguments(parser, layers=8, vocab=8192, steps=20)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--hf-bf16", choices=["amp", "pure"], default="amp",
@@ -76,8 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
-                      multiple_of=64, max_seq_len=args.seq)
+    cfg = model_config(args)
     ours = Transformer(cfg, attention="sdpa", dtype=dtype)
     init_parameters(ours, 0)
     amp = dtype == torch.bfloat16 and args.hf_bf16 == "amp"

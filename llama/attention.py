@@ -23,14 +23,19 @@ BACKENDS = ("auto", "sdpa", "xformers")
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position × frequency, each [max_seq_len, head_dim/2], fp32."""
+    """The rotation tables, each [max_seq_len, head_dim], fp32, laid out per pair (x0, x1) of a
+    head: C = (cos, cos) and S = (-sin, sin) of position × θ_i, θ_i = theta^(-2i/head_dim)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the angles of cos/sin [seq, head_dim/2].
+    """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the tables of `rope_tables`
+    ([seq, head_dim]): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as x·C + swap(x)·S with
+    swap(x0, x1) = (x1, x0), in contiguous passes (pair-strided arithmetic is 3x slower in bf16
+    on a CPU).
 
     The tables are fp32; the product runs in x's dtype (in bf16 as Hugging Face's code does,
     where Meta's upcasts: the upcast costs two full copies of q and k per layer). The rotation
@@ -43,24 +48,19 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
+        return _rotate(grad, cos, -sin), None, None
 
 
-def _rotate(x, cos, sin, direction: float):
-    """(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) per pair, by angle × direction, as
-    x·C + swap(x)·S with C = (cos, cos), S = (-sin, sin) interleaved and swap(x0, x1) = (x1, x0):
-    contiguous passes, where pair-strided arithmetic is 3x slower in bf16 on a CPU."""
-    c = torch.stack((cos, cos), dim=-1).flatten(-2)[:, None, :].to(x.dtype)
-    s = (torch.stack((-sin, sin), dim=-1).flatten(-2) * direction)[:, None, :].to(x.dtype)
+def _rotate(x, cos, sin):
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # a copy: scaled in place next
     # mul then add, not addcmul: a fused multiply-add rounds differently in vectorised and
     # scalar loops, which would make results depend on the batch size
-    return (x * c).add_(swapped.mul_(s))
+    return (x * cos[:, None, :].to(x.dtype)).add_(swapped.mul_(sin[:, None, :].to(x.dtype)))
 
 
 @functools.cache

@@ -53,6 +53,8 @@ class Optimizer:
             shard = b.data[lo:hi].detach()
             self.masters.append(shard if shard.dtype == torch.float32 else shard.float())
             self.norm_slices.append(self._counted_slices(b, lo, hi))
+        # fp32 parameters are their own master weights (see above): nothing to write back
+        self.master_is_param = [m.dtype == b.data.dtype for m, b in zip(self.masters, buckets.buckets)]
         groups = [{"params": [m], "weight_decay": weight_decay if b.decay else 0.0}
                   for m, b in zip(self.masters, buckets.buckets)]
         self.adam = make_adamw(groups, lr, betas, eps, self.masters[0].device.type)
@@ -70,13 +72,9 @@ class Optimizer:
                 out.append(slice(start - lo, end - lo))
         return out
 
-    def _master_is_param(self, i: int) -> bool:
-        lo, hi = self.ranges[i]
-        return self.masters[i].data_ptr() == self.buckets.buckets[i].data[lo:hi].data_ptr()
-
     def state_bytes(self) -> int:
         """Bytes of fp32 master weights (unless the parameters serve as them) and Adam moments held by this rank."""
-        return sum(m.numel() * m.element_size() * (2 if self._master_is_param(i) else 3)
+        return sum(m.numel() * m.element_size() * (2 if self.master_is_param[i] else 3)
                    for i, m in enumerate(self.masters))
 
     def global_grad_norm(self, grads) -> float:
@@ -106,7 +104,7 @@ class Optimizer:
         self.steps_taken += 1
         for i, (master, (lo, hi), b) in enumerate(zip(self.masters, self.ranges, self.buckets.buckets)):
             master.grad = None
-            if not self._master_is_param(i):
+            if not self.master_is_param[i]:
                 b.data[lo:hi].copy_(master)
             if self.distributed:
                 comm.all_gather_into(b.data, b.data[lo:hi], self.buckets.dp_group)
@@ -129,7 +127,7 @@ class Optimizer:
     def load_bucket_state(self, i: int, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
         master = self.masters[i]
         master.copy_(tensors["master"])
-        if self.distributed and self._master_is_param(i):
+        if self.distributed and self.master_is_param[i]:
             # this rank just wrote its slice of the parameters: every dp rank needs every slice
             b = self.buckets.buckets[i]
             comm.all_gather_into(b.data, master, self.buckets.dp_group)

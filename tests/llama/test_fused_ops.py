@@ -15,10 +15,14 @@ def _meta_rms_norm(x, weight, eps):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def _pairwise_rope(x, cos, sin):
-    """The rotation written out pair by pair, as Meta's complex product computes it."""
+def _pairwise_rope(x, theta=10000.0):
+    """The rotation written out pair by pair, as Meta's complex product computes it: pair i of
+    position p turns by p·theta^(-2i/head_dim)."""
+    seq, head_dim = x.shape[1], x.shape[-1]
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(seq, dtype=torch.float64)[:, None] * freqs
+    c, s = angles.cos()[:, None, :].float(), angles.sin()[:, None, :].float()
     x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
-    c, s = cos[:, None, :], sin[:, None, :]
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
 
 
@@ -55,5 +59,5 @@ def test_forwards_and_gradients_equal_composed_ops(dtype, tol):
     both(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), lambda x, w: _meta_rms_norm(x, w, 1e-5), x, w)
     cos, sin = rope_tables(64, 16, 10000.0)
     q = torch.randn(4, 16, 2, 64)
-    both(lambda q: _Rotary.apply(q, cos, sin), lambda q: _pairwise_rope(q, cos, sin).to(dtype), q)
+    both(lambda q: _Rotary.apply(q, cos, sin), lambda q: _pairwise_rope(q).to(dtype), q)
     both(_SwiGLU.apply, lambda a, b: F.silu(a) * b, torch.randn(4, 16, 96), torch.randn(4, 16, 96))
