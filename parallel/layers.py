@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel import comm
-from parallel.mappings import SEQ_DIM, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp
+from parallel.mappings import (
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+    sp_all_gather,
+    sp_all_gather_start,
+    sp_reduce_scatter_start,
+)
 from parallel.params import make_param
 from parallel.topology import divisors
 
@@ -133,7 +141,7 @@ class _ParallelMatmuls(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tp, *weights):
         ctx.tp = tp
-        x_total = comm.all_gather(x, tp.group, dim=SEQ_DIM) if tp.sp else x
+        x_total = sp_all_gather(x, tp.group) if tp.sp else x
         ctx.save_for_backward(x, *weights)
         return tuple(F.linear(x_total, w) for w in weights)
 
@@ -141,7 +149,7 @@ class _ParallelMatmuls(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *saved_weights = ctx.saved_tensors  # unpacked once: checkpointing allows no second time
         tp = ctx.tp
-        gathered = comm.all_gather_start(x, tp.group, dim=SEQ_DIM) if tp.sp else (lambda: x)
+        gathered = sp_all_gather_start(x, tp.group) if tp.sp else (lambda: x)
         if not tp.overlap:
             gathered = _completed(gathered)
         # Under autocast the forward ran in the autocast dtype and so do the gradients: the
@@ -153,8 +161,8 @@ class _ParallelMatmuls(torch.autograd.Function):
             flat_total = grad_total.view(-1, grad_total.shape[-1])
             for g, w in zip(grads[1:], weights[1:]):  # summed in place: no temporary per weight
                 flat_total.addmm_(g.reshape(-1, g.shape[-1]), w)
-            start = comm.reduce_scatter_start if tp.sp else comm.all_reduce_start
-            grad_x = start(grad_total, tp.group, **({"dim": SEQ_DIM} if tp.sp else {}))
+            start = sp_reduce_scatter_start if tp.sp else comm.all_reduce_start
+            grad_x = start(grad_total, tp.group)
             if not tp.overlap:
                 grad_x = _completed(grad_x)
         x_total = gathered()

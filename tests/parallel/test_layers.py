@@ -32,7 +32,11 @@ def _pair(make, tp_size, sp, seed=7):
 
 
 def _seq_shard(t, tp):
-    return comm.split(t, tp.group, 1) if tp.sp else t
+    """The sp shard: this rank's n-th of the tokens in memory order (`parallel.mappings`)."""
+    if not tp.sp:
+        return t
+    rows = t.reshape(-1, *t.shape[2:]).chunk(tp.size)[tp.rank]
+    return rows.reshape(t.shape[0], t.shape[1] // tp.size, *t.shape[2:])
 
 
 def _column(tp_size, sp, gather_output):

@@ -1,5 +1,8 @@
 """Each communication pattern and its conjugate backward, on 2 ranks, against values worked
-out by hand: rank r holds x_r = (r + 1) · ones, and the upstream gradient is (r + 1) · ones."""
+out by hand: rank r holds x_r = (r + 1) · ones, and the upstream gradient is (r + 1) · ones.
+
+A tp split is along the last dim. An sp split is of the tokens in memory order: of x [2, 4, 6],
+rank r's shard is batch row r, shaped [2, 2, 6], and a gather puts rank r's shard back as row r."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -31,19 +34,37 @@ def _apply(name):
 def test_forward_and_conjugate_backward(name):
     out = run_on_ranks(_apply, 2, name)
     fwd, bwd = EXPECT[name]
+    tp = name.endswith("_tp")
+
+    def gather(piece):  # rank 0's block of `piece` shape then rank 1's: along the last dim
+        blocks = [torch.full(piece, 1.0), torch.full(piece, 2.0)]  # (tp), as batch rows (sp)
+        return torch.cat(blocks, -1) if tp else torch.cat(blocks).view(piece[0], 2 * piece[1], *piece[2:])
+
+    split_shape = (2, 4, 3) if tp else (2, 2, 6)
     for r, (y, grad) in enumerate(out):
-        split_dim = -1 if name.endswith("_tp") else 1
         if fwd(r) is not None:
-            want = torch.full((2, 4, 6), float(fwd(r)))
-            want = want.chunk(2, split_dim)[r] if name.startswith(("scatter", "reduce_scatter")) else want
-            assert torch.equal(y, want), name
-        else:  # a gather: rank 0's block then rank 1's block
-            assert torch.equal(y, torch.cat([torch.full((2, 4, 6), 1.0), torch.full((2, 4, 6), 2.0)], split_dim))
+            splits = name.startswith(("scatter", "reduce_scatter"))
+            assert torch.equal(y, torch.full(split_shape if splits else (2, 4, 6), float(fwd(r)))), name
+        else:
+            assert torch.equal(y, gather((2, 4, 6))), name
         if bwd(r) is not None:
             assert torch.equal(grad, torch.full((2, 4, 6), float(bwd(r)))), name
         else:  # the conjugate of a split: the gathered gradient, rank r's own block being r + 1
-            assert torch.equal(grad.chunk(2, split_dim)[0], torch.full_like(grad.chunk(2, split_dim)[0], 1.0))
-            assert torch.equal(grad.chunk(2, split_dim)[1], torch.full_like(grad.chunk(2, split_dim)[1], 2.0))
+            assert torch.equal(grad, gather(split_shape)), name
+
+
+def _sp_round_trip():
+    group = topology(tp=2).tp_group
+    x = torch.arange(2 * 4 * 6, dtype=torch.float32).view(2, 4, 6)  # the same on both ranks
+    shard = mappings.scatter_to_sp(x, group)
+    return shard, mappings.gather_from_sp(shard, group)
+
+
+def test_sp_shards_are_the_tokens_in_memory_order():
+    for r, (shard, back) in enumerate(run_on_ranks(_sp_round_trip, 2)):
+        x = torch.arange(2 * 4 * 6, dtype=torch.float32).view(2, 4, 6)
+        assert torch.equal(shard, x[r].view(2, 2, 6))  # batch 2 over 2 ranks: rank r holds row r
+        assert torch.equal(back, x)
 
 
 def _counted():
