@@ -47,22 +47,26 @@ def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: 
 
 class _SwiGLU(torch.autograd.Function):
     """silu(a) · b in one new tensor; backward recomputes silu(a) rather than keeping it (the
-    same operations as autograd on `F.silu(a) * b`, one activation fewer kept)."""
+    same operations as autograd on `F.silu(a) * b`, one activation fewer kept).
+
+    `grad_is_private`: the incoming gradient is the caller's own temporary (in FeedForward it is
+    w2's fresh input gradient) and becomes grad_a in place: one [tokens, hidden] allocation less."""
 
     @staticmethod
-    def forward(ctx, a, b):
+    def forward(ctx, a, b, grad_is_private=False):
         ctx.save_for_backward(a, b)
+        ctx.grad_is_private = grad_is_private
         return F.silu(a).mul_(b)
 
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
+        grad_b = F.silu(a).mul_(grad) if ctx.needs_input_grad[1] else None
         grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_a = grad * b  # then silu's derivative applied in place: one allocation
-            torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
-        grad_b = F.silu(a).mul_(grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
+            grad_a = grad.mul_(b) if ctx.grad_is_private else grad * b
+            torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)  # silu' in place
+        return grad_a, grad_b, None
 
 
 class FeedForward(nn.Module):
@@ -77,7 +81,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         h1, h3 = column_parallel(x, self.w1, self.w3)
-        return self.w2(_SwiGLU.apply(h1, h3))
+        return self.w2(_SwiGLU.apply(h1, h3, True))  # w2's input gradient is private
 
 
 class TransformerBlock(nn.Module):

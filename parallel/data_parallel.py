@@ -9,7 +9,8 @@ goes on; `finish()` waits for them before the optimiser step. Nothing is reduced
 micro-batches before the last of an accumulation. `overlap=False` reduces every bucket in
 `finish()` instead (same result, no overlap). Matmul weights whose dtype is the bucket's (fp32
 training) skip `param.grad` altogether: their layers write the weight-gradient GEMM into
-`main_grad` through `add_matmul` (Megatron-LM's gradient-accumulation fusion).
+`main_grad` through `add_matmul` (Megatron-LM's gradient-accumulation fusion), and the embedding
+adds its gradient rows into it through `add_rows`.
 """
 from __future__ import annotations
 
@@ -80,8 +81,9 @@ class GradBuckets:
         self.launch_order: list[int] = []  # which buckets were launched, in order (tests read it)
         for p in self.bucket_of_params():
             p.register_post_accumulate_grad_hook(self._on_grad)
-            # a matmul weight of the bucket's dtype has its gradient GEMM written into the bucket
-            p.main_grad_sink = self if p.dtype == grad_dtype else None
+            # layers may write gradients straight into the bucket: the embedding always, a
+            # matmul weight when its gradient has the bucket's dtype (fp32 training)
+            p.main_grad_sink = self
 
     def bucket_of_params(self):
         return [p for b in self.buckets for p in b.params]
@@ -124,6 +126,13 @@ class GradBuckets:
             torch.mm(flat_grad.t(), flat_x, out=p.main_grad)
             self.accumulated.add(id(p))
 
+    def add_rows(self, p: nn.Parameter, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """main_grad[ids] += rows (an embedding's gradient, added straight into the bucket)."""
+        if id(p) not in self.accumulated:
+            p.main_grad.zero_()
+            self.accumulated.add(id(p))
+        p.main_grad.index_add_(0, ids, rows.to(p.main_grad.dtype))
+
     def _received(self, p: nn.Parameter) -> None:
         bucket = self.bucket_of[id(p)]
         bucket.pending -= 1
@@ -136,7 +145,8 @@ class GradBuckets:
             comm.all_reduce(flat, self.tp_group)
             for p, summed in zip(bucket.tp_partial, flat.split([p.numel() for p in bucket.tp_partial])):
                 p.main_grad.copy_(summed.view_as(p))
-        bucket.grad.div_(self.dp)  # average, not sum, over data-parallel replicas
+        if self.dp > 1:
+            bucket.grad.div_(self.dp)  # average, not sum, over data-parallel replicas
         if self.reduce_scatter:
             bucket.finish = comm.reduce_scatter_start(bucket.grad, self.dp_group, dim=0)
         else:

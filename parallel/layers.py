@@ -116,12 +116,34 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids):
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return _Lookup.apply(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = _Lookup.apply(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_scatter_to_sp(out, self.tp.group) if self.tp.sp else reduce_from_tp(out, self.tp.group)
+
+
+class _Lookup(torch.autograd.Function):
+    """F.embedding, whose backward adds the gradient rows straight into the weight's gradient
+    bucket (`main_grad_sink`, in the bucket's fp32 whatever the weight's dtype): no [vocab, dim]
+    zero-filled gradient is allocated and then copied into the bucket."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        sink = getattr(weight, "main_grad_sink", None)
+        if sink is None:  # what F.embedding's own backward computes
+            return None, torch.ops.aten.embedding_dense_backward(grad, ids, weight.shape[0], -1, False)
+        sink.add_rows(weight, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        return None, None
 
 
 class _ParallelMatmuls(torch.autograd.Function):
@@ -175,7 +197,7 @@ class _ParallelMatmuls(torch.autograd.Function):
 def _weight_grad(weight, flat_grad, flat_x):
     """gradᵀ x, or None once it has been accumulated into the weight's gradient bucket."""
     sink = getattr(weight, "main_grad_sink", None)
-    if sink is None or flat_grad.dtype != weight.main_grad.dtype:
+    if sink is None or flat_grad.dtype != weight.main_grad.dtype:  # a GEMM has no mixed-dtype out=
         return flat_grad.t().matmul(flat_x.to(flat_grad.dtype)).to(weight.dtype)
     sink.add_matmul(weight, flat_grad, flat_x)
     return None

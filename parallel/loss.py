@@ -31,6 +31,12 @@ def _row_chunks(logits: torch.Tensor):
     return [(r, min(r + rows, logits.shape[0])) for r in range(0, logits.shape[0], rows)]
 
 
+def _fp32(logits, buffer):
+    """The chunk itself when it is fp32 (then the next op writes the buffer: one pass fewer),
+    else its fp32 copy in the buffer (torch's reductions and sub have no mixed-dtype out=)."""
+    return logits if logits.dtype == buffer.dtype else buffer.copy_(logits)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, vocab_size, ignore_index, inplace_backward):
@@ -42,9 +48,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             chunks = _row_chunks(logits)
             work = torch.empty(chunks[0][1], valid, device=logits.device)  # one fp32 buffer, reused
             for lo, hi in chunks:
-                chunk = work[: hi - lo].copy_(logits[lo:hi, :valid])
+                chunk = _fp32(logits[lo:hi, :valid], work[: hi - lo])
                 torch.amax(chunk, dim=-1, out=local_max[lo:hi])
-                torch.sum(chunk.sub_(local_max[lo:hi, None]).exp_(), dim=-1, out=sum_exp[lo:hi])
+                shifted = torch.sub(chunk, local_max[lo:hi, None], out=work[: hi - lo])
+                torch.sum(shifted.exp_(), dim=-1, out=sum_exp[lo:hi])
         global_max = local_max.clone()
         comm.all_reduce(global_max, group, op=dist.ReduceOp.MAX, name="loss_all_reduce")
         sum_exp.mul_((local_max - global_max).exp_())  # rescale to the global max (a slice of padding: 0)
@@ -79,7 +86,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         work = torch.empty(chunks[0][1], logits.shape[1], device=logits.device)  # one fp32 buffer, reused
         rows = torch.arange(chunks[0][1], device=logits.device)
         for lo, hi in chunks:
-            softmax = work[: hi - lo].copy_(logits[lo:hi]).sub_(log_sum_exp[lo:hi, None]).exp_()
+            chunk = _fp32(logits[lo:hi], work[: hi - lo])
+            softmax = torch.sub(chunk, log_sum_exp[lo:hi, None], out=work[: hi - lo]).exp_()
             softmax[:, ctx.valid:] = 0.0
             softmax[rows[: hi - lo], local_target[lo:hi]] -= hit[lo:hi]
             grad[lo:hi] = softmax.mul_(scale[lo:hi, None])

@@ -29,24 +29,31 @@ def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return sum_sq.div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
+def _mul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a·b computed in their common dtype and stored in `dtype` in the same pass (out= rounds as
+    it stores: the same numbers as `(a * b).to(dtype)` without the intermediate)."""
+    return torch.mul(a, b, out=torch.empty(a.shape, dtype=dtype, device=a.device))
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         inv_rms = _inverse_rms(x, eps)
         ctx.save_for_backward(x, weight, inv_rms)
-        return torch.mul(x, inv_rms).to(x.dtype).mul_(weight)
+        return _mul(x, inv_rms, x.dtype).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inv_rms = ctx.saved_tensors
         normed = torch.mul(x, inv_rms)  # fp32, recomputed
         grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0)
+        if ctx.needs_input_grad[1]:  # Σ grad · the normalised value, rounded as forward rounded it
+            grad_weight = normed.to(x.dtype, copy=True).mul_(grad).flatten(0, -2).sum(0)
         # d/dx of x·r: r·(g - n·mean(g·n)), with g the fp32 gradient of the normalised value
-        grad_normed = (grad * weight).to(normed.dtype)
+        grad_normed = _mul(grad, weight, normed.dtype)
         dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(x.shape[-1])
-        grad_x = grad_normed.sub_(normed.mul_(dot)).mul_(inv_rms).to(x.dtype)
+        grad_normed.sub_(normed.mul_(dot))
+        grad_x = grad_normed.mul_(inv_rms) if x.dtype == normed.dtype else _mul(grad_normed, inv_rms, x.dtype)
         return grad_x, grad_weight, None
 
 

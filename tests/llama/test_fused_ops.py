@@ -61,3 +61,23 @@ def test_forwards_and_gradients_equal_composed_ops(dtype, tol):
     q = torch.randn(4, 16, 2, 64)
     both(lambda q: _Rotary.apply(q, cos, sin), lambda q: _pairwise_rope(q).to(dtype), q)
     both(_SwiGLU.apply, lambda a, b: F.silu(a) * b, torch.randn(4, 16, 96), torch.randn(4, 16, 96))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_feed_forward_reusing_w2s_gradient_equals_composed_ops(dtype, tol):
+    """FeedForward lets SwiGLU's backward write grad_a over w2's input gradient: the result must
+    be autograd's on w2(silu(w1 x) · w3 x)."""
+    from llama.model import FeedForward
+    torch.manual_seed(0)
+    from parallel.params import init_parameters
+    ffn = FeedForward(32, 48, n_layers=2, dtype=dtype)
+    init_parameters(ffn, 0)
+    x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w1, w2, w3 = (ffn.get_submodule(n).weight.detach().clone().requires_grad_() for n in ("w1", "w2", "w3"))
+    grad = torch.randn(2, 5, 32, dtype=dtype)
+    ffn(x).backward(grad)
+    F.linear(F.silu(F.linear(x_ref, w1)) * F.linear(x_ref, w3), w2).backward(grad)
+    for got, want in ((x.grad, x_ref.grad), (ffn.w1.weight.grad, w1.grad), (ffn.w2.weight.grad, w2.grad),
+                      (ffn.w3.weight.grad, w3.grad)):
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))

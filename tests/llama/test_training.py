@@ -41,10 +41,9 @@ def _bucket_gradients_against_autograd(tp_size, dtype, sp):
     for model in models:
         init_parameters(model, 0)
     buckets = GradBuckets(list(models[0].parameters()), None, tp_group=tp.group)
-    fused = [p for p in models[0].parameters() if p.main_grad_sink is not None]
+    assert all(p.main_grad_sink is buckets for p in models[0].parameters())
     summed_by_buckets = [p for p in models[0].parameters() if getattr(p, "grad_summed_by_buckets", False)]
     assert len(summed_by_buckets) == (2 * cfg.n_layers + 1 if sp else 0)  # the norms
-    assert bool(fused) == (dtype == torch.float32)
     buckets.start_step(2)
     reference = {name: torch.zeros(p.shape) for name, p in models[1].named_parameters()}
     for micro in range(2):
@@ -57,9 +56,10 @@ def _bucket_gradients_against_autograd(tp_size, dtype, sp):
     buckets.finish()
     for name, p in models[0].named_parameters():
         assert p.grad is None
-        # bf16 under sp: the reference rounds each micro-batch's tp-summed norm gradient to bf16,
-        # the buckets sum the partial gradients in fp32
-        tol = 1e-6 if dtype == torch.float32 or not sp else 2 ** -8
+        # bf16: the reference rounds each micro-batch's embedding gradient (and under sp its
+        # tp-summed norm gradients) to bf16; the buckets sum the rows (partial gradients) in fp32
+        rounded = name == "tok_embeddings.weight" or (sp and "norm" in name)
+        tol = 2 ** -8 if dtype == torch.bfloat16 and rounded else 1e-6
         diff = (p.main_grad - reference[name]).abs().max().item()
         assert diff <= tol * max(1.0, reference[name].abs().max().item()), f"{name}: {diff:.3g}"
 
