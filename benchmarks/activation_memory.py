@@ -5,7 +5,8 @@ adapted to LLaMA's layer (pre-RMSNorm, rotary attention, SwiGLU, no dropout, fla
 
 Measured: bytes a bf16 forward pass leaves alive for backward (parallel.memory.SavedActivationMemory),
 for a 2-layer minus a 1-layer model, so one layer's share; at tp=1, and at tp=2 with and without
-sequence parallelism (per rank).
+sequence parallelism (per rank), and with sp keeping the column layers' gathered input
+(`TensorParallel(keep_gathered=True)`, torch's tensor parallelism's choice).
 
 Formula, in bytes, with E = s·b·h and F = s·b·f elements (f the FFN width, 8h/3 rounded), a heads,
 t = tp, and r = t under sequence parallelism else 1 (what only sp divides):
@@ -23,6 +24,9 @@ t = tp, and r = t under sequence parallelism else 1 (what only sp divides):
            + 4F/t    w1·x and w3·x
            + 4asb/t
   full       2E/r    the layer input
+
+With sp and keep_gathered, the norms' outputs are kept all-gathered: 8E/r becomes 4E/r + 4E without
+recompute; with recompute the gathered inputs are recomputed, and nothing changes.
 
 In Korthikanti's units (bytes / sbh, f = 8h/3): none ≈ 8/r + 24/t, selective ≈ 2/r + 4 + 18.7/t,
 full 2/r; their GPT layer (dropout, 4h GELU MLP, no flash attention) is 10 + 24/t + 5as/(ht) without
@@ -43,19 +47,20 @@ from parallel.params import init_parameters
 from tests.distributed import run_on_ranks, topology
 
 
-def formula(mode: str, s: int, b: int, h: int, f: int, a: int, t: int, sp: bool) -> float:
+def formula(mode: str, s: int, b: int, h: int, f: int, a: int, t: int, sp: bool, keep: bool = False) -> float:
     """Bytes per layer and rank with bf16 activations (see the module docstring)."""
     E, F, r = s * b * h, s * b * f, (t if sp else 1)
     lse = 4 * a * s * b / t
     if mode == "none":
-        return 8 * E / r + 8 * E / t + 6 * F / t + lse + 8 * s * b / r
+        norms = 4 * E / r + 4 * E if keep else 8 * E / r
+        return norms + 8 * E / t + 6 * F / t + lse + 8 * s * b / r
     if mode == "selective":
         return 2 * E / r + 8 * E / t + 4 * E + 4 * F / t + lse
     return 2 * E / r
 
 
-def _layer_bytes(cfg_kwargs, mode, batch, seq, dtype, tp_size=1, sp=False):
-    tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp) if tp_size > 1 else TensorParallel()
+def _layer_bytes(cfg_kwargs, mode, batch, seq, dtype, tp_size=1, sp=False, keep=False):
+    tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp, keep_gathered=keep) if tp_size > 1 else TensorParallel()
     out = []
     for layers in (1, 2):
         cfg = LlamaConfig(n_layers=layers, **cfg_kwargs)
@@ -83,16 +88,16 @@ def main() -> None:
     f = LlamaConfig(**kw).ffn_dim
     s, b, h, a = args.seq, args.batch, args.dim, args.heads
     print(f"one LLaMA layer: s={s} b={b} h={h} a={a} f={f}, bf16; bytes kept for backward per rank")
-    print(f"{'layout':>10} {'recompute':>10} {'measured':>10} {'formula':>10} {'ratio':>6} {'× sbh':>6}")
-    for tp_size, sp in ((1, False), (2, False), (2, True)):
+    print(f"{'layout':>12} {'recompute':>10} {'measured':>10} {'formula':>10} {'ratio':>6} {'× sbh':>6}")
+    for tp_size, sp, keep in ((1, False, False), (2, False, False), (2, True, False), (2, True, True)):
         for mode in ("none", "selective", "full"):
             if tp_size == 1:
                 got = _layer_bytes(kw, mode, b, s, dtype)
             else:
-                got = run_on_ranks(_layer_bytes, 2, kw, mode, b, s, dtype, tp_size, sp)[0]
-            want = formula(mode, s, b, h, f, a, tp_size, sp)
-            layout = f"tp={tp_size}" + ("+sp" if sp else "")
-            print(f"{layout:>10} {mode:>10} {got:>10,} {want:>10,.0f} {got / want:>6.2f} "
+                got = run_on_ranks(_layer_bytes, 2, kw, mode, b, s, dtype, tp_size, sp, keep)[0]
+            want = formula(mode, s, b, h, f, a, tp_size, sp, keep)
+            layout = f"tp={tp_size}" + ("+sp" if sp else "") + (" keep" if keep else "")
+            print(f"{layout:>12} {mode:>10} {got:>10,} {want:>10,.0f} {got / want:>6.2f} "
                   f"{got / (s * b * h):>6.1f}")
 
 

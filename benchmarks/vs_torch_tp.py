@@ -9,7 +9,10 @@ complete gradients, no optimizer (gradients are dropped before each step, outsid
             vocab-parallel embedding, output layer and cross-entropy (logits are never gathered),
             gradients into the trainer's buckets (parallel.data_parallel.GradBuckets, dp=1): the
             weight-gradient GEMMs write into them, and under sp the norms' partial gradients are
-            summed across tp in one all-reduce.
+            summed across tp in one all-reduce. Under sp two ways: Megatron's (column layers keep
+            their input shard and all-gather it again in backward: less memory), and
+            keep_gathered=True (they keep the gathered input, as torch's tensor parallelism does:
+            the same activation memory as the torch side, one all-gather fewer).
     torch   transformers' LlamaForCausalLM with the same weights, parallelised with
             torch.distributed.tensor.parallel.parallelize_module the way torchtitan does Llama:
             q/k/v, gate/up ColwiseParallel; o_proj, down_proj RowwiseParallel; embed_tokens
@@ -74,10 +77,10 @@ def parallelize_hf(model, mesh, sp: bool):
     return model
 
 
-def _compare(cfg: LlamaConfig, sp: bool, batch: int, seq: int, steps: int):
+def _compare(cfg: LlamaConfig, sp: bool, keep: bool, batch: int, seq: int, steps: int):
     from torch.distributed.device_mesh import init_device_mesh
     group = topology(tp=TP).tp_group
-    ours = Transformer(cfg, tp=TensorParallel(group, sp=sp), attention="sdpa")
+    ours = Transformer(cfg, tp=TensorParallel(group, sp=sp, keep_gathered=keep), attention="sdpa")
     init_parameters(ours, 0)
     buckets = GradBuckets(list(ours.parameters()), None, tp_group=group)
     full = Transformer(cfg, attention="sdpa")  # the same logical weights, unsharded, for transformers
@@ -123,17 +126,20 @@ def main() -> None:
           f"({cfg.num_params() / 1e6:.1f}M params), batch {args.batch}x{args.seq}, fp32, tp={TP} on gloo "
           f"(2 CPU processes, 1 thread each); forward+backward, no optimizer; median of {args.steps} steps")
     print("torch = transformers LlamaForCausalLM + torch.distributed.tensor.parallel (torchtitan's plan)")
-    print(f"{'sp':>5} {'loss ours':>10} {'loss torch':>10} {'|diff|':>7} {'ours (s)':>9} {'torch (s)':>9} "
+    print(f"{'sp':>10} {'loss ours':>10} {'loss torch':>10} {'|diff|':>7} {'ours (s)':>9} {'torch (s)':>9} "
           f"{'ours tok/s':>10} {'torch tok/s':>11} {'ours/torch':>10} {'middle half':>11}")
     tokens = args.batch * args.seq
-    for sp in (False, True):
-        t, (ratio, middle), loss = run_on_ranks(_compare, TP, cfg, sp, args.batch, args.seq, args.steps, timeout=600)[0]
+    for sp, keep in ((False, False), (True, False), (True, True)):
+        t, (ratio, middle), loss = run_on_ranks(_compare, TP, cfg, sp, keep, args.batch, args.seq, args.steps,
+                                                timeout=600)[0]
         diff = abs(loss['ours'] - loss['torch'])
-        print(f"{str(sp):>5} {loss['ours']:>10.5f} {loss['torch']:>10.5f} {diff:>7.0e} "
+        label = "keep" if keep else str(sp)
+        print(f"{label:>10} {loss['ours']:>10.5f} {loss['torch']:>10.5f} {diff:>7.0e} "
               f"{t['ours']:>9.3f} {t['torch']:>9.3f} {tokens / t['ours']:>10.0f} {tokens / t['torch']:>11.0f} "
               f"{ratio:>10.3f} {middle:>11}")
         if diff > 1e-4:
             print(f"WARNING: the first-step losses differ by {diff:.1e}: not the same model")
+    print("sp keep: ours keeps the gathered input (TensorParallel(keep_gathered=True)), as torch does")
     print("target: ours/torch <= 0.8")
 
 

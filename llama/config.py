@@ -100,6 +100,7 @@ class TrainConfig:
     pp: int = 1
     dp: int = 0
     sp: bool = False
+    sp_keep_gathered: bool = False   # sp: keep column layers' gathered input (faster, more memory)
     schedule: str = "1f1b"
     vpp: int = 1
     stage_layers: list | None = None  # an uneven split: layers per (virtual) stage, e.g. [16, 16, 16, 12]

@@ -10,10 +10,10 @@ from parallel.pipeline.partition import chunks_of_rank
 
 
 def build_chunks(cfg: LlamaConfig, topo, sp: bool = False, vpp: int = 1, stage_layers=None, seed: int | None = None,
-                 overlap: bool = True, **model_kwargs) -> list[Transformer]:
+                 overlap: bool = True, sp_keep_gathered: bool = False, **model_kwargs) -> list[Transformer]:
     """This rank's model chunks (one without interleaving), each initialised from `seed`
     exactly as the same layers of the whole model would be."""
-    tp = TensorParallel(topo.tp_group, sp=sp, overlap=overlap)
+    tp = TensorParallel(topo.tp_group, sp=sp, overlap=overlap, keep_gathered=sp and sp_keep_gathered)
     chunks = []
     for chunk in chunks_of_rank(cfg.n_layers, topo.pp, topo.pp_rank, vpp, stage_layers):
         model = Transformer(cfg, tp=tp, layer_ids=chunk.layer_ids, first_stage=chunk.first,

@@ -124,9 +124,9 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     chunk_sizes(m.n_layers, topo.pp, t.vpp, t.stage_layers)  # the split, checked on every rank
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(t.seed)
-    chunks = build_chunks(m, topo, sp=t.sp, vpp=t.vpp, stage_layers=t.stage_layers, seed=t.seed, attention=t.attention,
-                          recompute=t.recompute, vocab_pad_multiple=t.vocab_pad_multiple, device=device,
-                          dtype=DTYPES[t.dtype])
+    chunks = build_chunks(m, topo, sp=t.sp, sp_keep_gathered=t.sp_keep_gathered, vpp=t.vpp,
+                          stage_layers=t.stage_layers, seed=t.seed, attention=t.attention, recompute=t.recompute,
+                          vocab_pad_multiple=t.vocab_pad_multiple, device=device, dtype=DTYPES[t.dtype])
     params = [p for c in chunks for p in c.parameters()]
     buckets = GradBuckets(params, topo.dp_group, t.bucket_mb, reduce_scatter=t.distributed_optimizer,
                           overlap=t.overlap_grad_reduce, decays=decays, tp_group=topo.tp_group)

@@ -77,6 +77,11 @@ def test_an_uneven_pipeline_split_trains_the_same_model():
     _assert_same_run(outs, "pp=2 with stage_layers=[3, 1]")
 
 
+def test_sp_keeping_the_gathered_input_trains_the_same_model():
+    outs = run_on_ranks(_train_on_ranks, 4, 2, 2, sp=True, sp_keep_gathered=True, timeout=300)
+    _assert_same_run(outs, "tp=2 pp=2 with sp_keep_gathered")
+
+
 @pytest.mark.parametrize("tp,pp,dp,sp,distributed_optimizer", CASES)
 def test_every_layout_trains_the_same_model(tp, pp, dp, sp, distributed_optimizer):
     outs = run_on_ranks(_train_on_ranks, tp * pp * dp, tp, pp, sp=sp, distributed_optimizer=distributed_optimizer,

@@ -23,8 +23,9 @@ def _close(a, b, what):
 
 
 def _pair(make, tp_size, sp, seed=7):
-    """(reference layer on one process, parallel layer) with the same logical weights."""
-    tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp)
+    """(reference layer on one process, parallel layer) with the same logical weights.
+    sp: False, True, or "keep" (sp keeping the gathered input for backward)."""
+    tp = TensorParallel(topology(tp=tp_size).tp_group, sp=bool(sp), keep_gathered=sp == "keep")
     ref, par = make(TensorParallel()), make(tp)
     init_parameters(ref, seed)
     init_parameters(par, seed)
@@ -51,7 +52,10 @@ def _column(tp_size, sp, gather_output):
     y = par(x_local)
     expect = y_ref if gather_output else comm.split(y_ref, tp.group, -1)
     _close(y, expect, "output")
+    comm.reset_traffic()
     (y * (grad_out if gather_output else comm.split(grad_out, tp.group, -1))).sum().backward()
+    # backward all-gathers the input again under sp, unless it was kept
+    assert comm.CALLS["all_gather"] == (1 if sp is True else 0)
     _close(x_local.grad, _seq_shard(x.grad, tp), "input gradient")
     _close(full_tensor(par.weight.grad, par.weight, tp.group), ref.weight.grad, "weight gradient")
 
@@ -106,7 +110,7 @@ def _norm(tp_size, sp):
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
-@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("sp", [False, True, "keep"])
 def test_column_parallel_linear(tp_size, sp):
     for gather_output in (False, True):
         run_on_ranks(_column, tp_size, tp_size, sp, gather_output)

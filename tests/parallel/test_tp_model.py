@@ -39,8 +39,11 @@ def _model_equals_one_process(tp_size, sp, recompute="none"):
     ref_logits, ref_loss = _run(ref, tokens, targets)
 
     results = {}
-    for overlap in (True, False):
-        tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp, overlap=overlap)
+    # (overlap, keep_gathered): overlapping the collectives and keeping the gathered input under
+    # sp change when the work is done, not the numbers
+    variants = [(True, False), (False, False)] + ([(True, True)] if sp else [])
+    for overlap, keep in variants:
+        tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp, overlap=overlap, keep_gathered=keep)
         model = Transformer(CFG, tp=tp, attention="sdpa", recompute=recompute)
         init_parameters(model, seed=3)
         logits, loss = _run(model, tokens, targets)
@@ -51,9 +54,10 @@ def _model_equals_one_process(tp_size, sp, recompute="none"):
         for name, p in model.named_parameters():
             grads[name] = full_tensor(p.grad, p, tp.group)
             _rel_close(grads[name], ref_params[name].grad, f"gradient of {name}")
-        results[overlap] = grads
-    for name, g in results[True].items():
-        assert torch.equal(g, results[False][name]), f"overlap changed the gradient of {name}"
+        results[overlap, keep] = grads
+    for variant in variants[1:]:
+        for name, g in results[True, False].items():
+            assert torch.equal(g, results[variant][name]), f"(overlap, keep_gathered)={variant}: gradient of {name}"
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
