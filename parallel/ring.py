@@ -16,10 +16,22 @@ are in flight until the returned `finish()` (for n = 2 there is only that step).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 
-_TAGS = {"reduce_scatter": 41, "all_gather": 42, "all_reduce": 43}  # apart from the pipeline's
+# Every ring call on a group takes the next tag of that group (all its ranks call collectives in
+# the same order, so they agree), so the messages of calls in flight together, such as two
+# buckets' reduce-scatters, can never be matched with each other's. Tags sit between 2^29 and
+# 2^30, apart from the pipeline's (micro-batch and stage numbers below, handshakes at 2^30).
+_TAG_BASE, _TAG_SPAN = 1 << 29, 1 << 20
+_calls: Counter = Counter()
+
+
+def _next_tag(group) -> int:
+    _calls[group] += 1
+    return _TAG_BASE + _calls[group] % _TAG_SPAN
 
 
 def is_gloo(group) -> bool:
@@ -77,7 +89,7 @@ def reduce_scatter_start(tensor: torch.Tensor, group):
     work = tensor if n == 2 else tensor.clone()  # running sums go into the chunks for n > 2
     chunks = list(work.chunk(n))
     received = torch.empty_like(chunks[r])
-    works, _ = _reduce_scatter_steps(chunks, group, _TAGS["reduce_scatter"], received)
+    works, _ = _reduce_scatter_steps(chunks, group, _next_tag(group), received)
 
     def finish() -> torch.Tensor:
         _wait(works)
@@ -94,7 +106,7 @@ def all_gather_start(shard: torch.Tensor, group, out: torch.Tensor | None = None
     chunks = out.view(n * shard.shape[0], *shard.shape[1:]).chunk(n)
     if chunks[r].data_ptr() != shard.data_ptr():
         chunks[r].copy_(shard)
-    return _then(_all_gather_steps(chunks, group, _TAGS["all_gather"]), out)
+    return _then(_all_gather_steps(chunks, group, _next_tag(group)), out)
 
 
 def all_reduce_start(tensor: torch.Tensor, group):
@@ -102,7 +114,8 @@ def all_reduce_start(tensor: torch.Tensor, group):
     returns it. The reduce-scatter phase runs at once, the all-gather's last step in flight."""
     n, r = dist.get_world_size(group), dist.get_rank(group)
     chunks = list(tensor.view(-1).tensor_split(n))  # sizes may differ by one element
-    works, received = _reduce_scatter_steps(chunks, group, _TAGS["all_reduce"], torch.empty_like(chunks[r]))
+    tag = _next_tag(group)
+    works, received = _reduce_scatter_steps(chunks, group, tag, torch.empty_like(chunks[r]))
     _wait(works)
     chunks[r].add_(received)
-    return _then(_all_gather_steps(chunks, group, _TAGS["all_reduce"]), tensor)
+    return _then(_all_gather_steps(chunks, group, tag), tensor)
