@@ -16,7 +16,7 @@ are in flight until the returned `finish()` (for n = 2 there is only that step).
 """
 from __future__ import annotations
 
-from collections import Counter
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -26,11 +26,11 @@ import torch.distributed as dist
 # buckets' reduce-scatters, can never be matched with each other's. Tags sit between 2^29 and
 # 2^30, apart from the pipeline's (micro-batch and stage numbers below, handshakes at 2^30).
 _TAG_BASE, _TAG_SPAN = 1 << 29, 1 << 20
-_calls: Counter = Counter()
+_calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a destroyed group is forgotten
 
 
 def _next_tag(group) -> int:
-    _calls[group] += 1
+    _calls[group] = _calls.get(group, 0) + 1
     return _TAG_BASE + _calls[group] % _TAG_SPAN
 
 
