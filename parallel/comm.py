@@ -48,7 +48,8 @@ def wire_bytes(op: str, buffer_bytes: int, n: int) -> float:
 
 
 def _ring(group, tensor: torch.Tensor) -> bool:
-    return tensor.numel() > 0 and ring.is_gloo(group)
+    """Whether to run the collective as a ring: CPU tensors on a gloo group of several ranks."""
+    return tensor.numel() > 0 and tensor.device.type == "cpu" and group_size(group) > 1 and ring.is_gloo(group)
 
 
 def group_size(group) -> int:
