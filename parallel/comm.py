@@ -115,23 +115,21 @@ def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group) -> None:
         _all_gather_single(out, shard.clone(), group=group)
 
 
-def reduce_scatter_start(tensor: torch.Tensor, group, dim: int = 0):
-    """Launch a reduce-scatter along `dim` asynchronously; returns `finish()`, which waits and
-    returns this rank's summed slice. Lets the caller compute while the collective runs."""
+def reduce_scatter_start(tensor: torch.Tensor, group):
+    """Launch a reduce-scatter of the leading dim asynchronously: rank r keeps rows
+    [r·m, (r+1)·m) of the sum (m = rows / n); returns `finish()`, which waits and returns them.
+    Lets the caller compute while the collective runs. (Sequence parallelism reduce-scatters
+    tokens in memory order, so every caller's slice is a leading-dim block: no copy first.)"""
     n = group_size(group)
     if n == 1:
         return lambda: tensor
-    dim = dim % tensor.dim()
-    if tensor.shape[dim] % n:
-        raise ValueError(f"reduce_scatter: size {tensor.shape[dim]} of dim {dim} is not divisible by {n} ranks")
+    if tensor.shape[0] % n:
+        raise ValueError(f"reduce_scatter: {tensor.shape[0]} rows are not divisible by {n} ranks")
     _record("reduce_scatter", tensor)
-    # Rank r's slice of `dim` moved to a new leading dim (one copy, none when the dims before
-    # `dim` are 1): the collective then writes this rank's slice in its final layout.
-    stacked = tensor.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()
-    flat = stacked.view(-1, *stacked.shape[2:])
+    flat = tensor.contiguous()
     if _ring(group, flat):
         return ring.reduce_scatter_start(flat, group)
-    out = torch.empty(stacked.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    out = torch.empty((tensor.shape[0] // n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     work = _reduce_scatter_single(out, flat, group=group, async_op=True)
 
     def finish() -> torch.Tensor:
@@ -140,9 +138,9 @@ def reduce_scatter_start(tensor: torch.Tensor, group, dim: int = 0):
     return finish
 
 
-def reduce_scatter(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
-    """Sum across `group`, then keep this rank's slice of `dim`."""
-    return reduce_scatter_start(tensor, group, dim)()
+def reduce_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum across `group`, then keep this rank's block of the leading dim."""
+    return reduce_scatter_start(tensor, group)()
 
 
 def split(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:

@@ -148,7 +148,7 @@ class GradBuckets:
         if self.dp > 1:
             bucket.grad.div_(self.dp)  # average, not sum, over data-parallel replicas
         if self.reduce_scatter:
-            bucket.finish = comm.reduce_scatter_start(bucket.grad, self.dp_group, dim=0)
+            bucket.finish = comm.reduce_scatter_start(bucket.grad, self.dp_group)
         else:
             bucket.finish = comm.all_reduce_start(bucket.grad, self.dp_group)
         self.launch_order.append(self.buckets.index(bucket))

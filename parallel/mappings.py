@@ -31,12 +31,17 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])  # [b, s, ...] -> [b·s, ...]: a view when x is contiguous
 
 
-def sp_split(x: torch.Tensor, group) -> torch.Tensor:
-    """This rank's sequence-parallel shard of x [b, s, ...]: [b, s/n, ...] (no communication)."""
+def _shard_shape(x: torch.Tensor, group) -> tuple[int, ...]:
+    """[b, s/n, ...], the shape of x's [b, s, ...] shards; s must divide by n."""
     n = comm.group_size(group)
     if x.shape[SEQ_DIM] % n:
         raise ValueError(f"sequence parallelism: sequence length {x.shape[SEQ_DIM]} is not divisible by tp={n}")
-    return comm.split(_tokens(x), group, 0).view(x.shape[0], x.shape[1] // n, *x.shape[2:])
+    return (x.shape[0], x.shape[1] // n, *x.shape[2:])
+
+
+def sp_split(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's sequence-parallel shard of x [b, s, ...]: [b, s/n, ...] (no communication)."""
+    return comm.split(_tokens(x), group, 0).view(_shard_shape(x, group))
 
 
 def sp_all_gather_start(shard: torch.Tensor, group):
@@ -49,11 +54,8 @@ def sp_all_gather_start(shard: torch.Tensor, group):
 def sp_reduce_scatter_start(x: torch.Tensor, group):
     """Launch the sum of x [b, s, ...] across `group`, keeping this rank's shard [b, s/n, ...];
     returns `finish()`."""
-    n = comm.group_size(group)
-    if x.shape[SEQ_DIM] % n:
-        raise ValueError(f"sequence parallelism: sequence length {x.shape[SEQ_DIM]} is not divisible by tp={n}")
-    finish = comm.reduce_scatter_start(_tokens(x), group, dim=0)
-    shape = (x.shape[0], x.shape[1] // n, *x.shape[2:])
+    shape = _shard_shape(x, group)
+    finish = comm.reduce_scatter_start(_tokens(x), group)
     return lambda: finish().view(shape)
 
 

@@ -49,11 +49,10 @@ class Optimizer:
         for b in buckets.buckets:
             lo, hi = (dp_rank * b.shard_size, (dp_rank + 1) * b.shard_size) if distributed else (0, b.numel)
             self.ranges.append((lo, hi))
-            # fp32 parameters are their own master weights (no copy to keep, none to write back)
             shard = b.data[lo:hi].detach()
             self.masters.append(shard if shard.dtype == torch.float32 else shard.float())
             self.norm_slices.append(self._counted_slices(b, lo, hi))
-        # fp32 parameters are their own master weights (see above): nothing to write back
+        # fp32 parameters are their own master weights: no copy to keep, none to write back
         self.master_is_param = [m.dtype == b.data.dtype for m, b in zip(self.masters, buckets.buckets)]
         groups = [{"params": [m], "weight_decay": weight_decay if b.decay else 0.0}
                   for m, b in zip(self.masters, buckets.buckets)]

@@ -41,7 +41,6 @@ def _bucket_gradients_against_autograd(tp_size, dtype, sp):
     for model in models:
         init_parameters(model, 0)
     buckets = GradBuckets(list(models[0].parameters()), None, tp_group=tp.group)
-    assert all(p.main_grad_sink is buckets for p in models[0].parameters())
     summed_by_buckets = [p for p in models[0].parameters() if getattr(p, "grad_summed_by_buckets", False)]
     assert len(summed_by_buckets) == (2 * cfg.n_layers + 1 if sp else 0)  # the norms
     buckets.start_step(2)
