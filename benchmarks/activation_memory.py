@@ -40,23 +40,14 @@ import gc
 import torch
 
 from llama.config import LlamaConfig
+from llama.memory_estimate import activation_bytes_per_layer
 from llama.model import Transformer
 from parallel.layers import TensorParallel
 from parallel.memory import SavedActivationMemory
 from parallel.params import init_parameters
 from tests.distributed import run_on_ranks, topology
 
-
-def formula(mode: str, s: int, b: int, h: int, f: int, a: int, t: int, sp: bool, keep: bool = False) -> float:
-    """Bytes per layer and rank with bf16 activations (see the module docstring)."""
-    E, F, r = s * b * h, s * b * f, (t if sp else 1)
-    lse = 4 * a * s * b / t
-    if mode == "none":
-        norms = 4 * E / r + 4 * E if keep else 8 * E / r
-        return norms + 8 * E / t + 6 * F / t + lse + 8 * s * b / r
-    if mode == "selective":
-        return 2 * E / r + 8 * E / t + 4 * E + 4 * F / t + lse
-    return 2 * E / r
+formula = activation_bytes_per_layer
 
 
 def _layer_bytes(cfg_kwargs, mode, batch, seq, dtype, tp_size=1, sp=False, keep=False):

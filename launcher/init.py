@@ -1,8 +1,8 @@
 """One initialisation for every command: the process group, the device, then the topology.
 
 backend: nccl with CUDA, gloo on CPU (overridable); the CUDA device from the local rank; a
-timeout after which a collective waiting for a dead or stuck peer raises on every rank. When a
-rank fails it leaves its rank and error in the store, so its peers can name it in their errors.
+timeout, on every process group, after which a collective waiting for a dead or stuck peer raises
+(`launcher.faults` then names the rank that failed).
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import torch.distributed as dist
 from launcher.env import LaunchEnv, detect
 from launcher.rendezvous import rendezvous
 from parallel.topology import Topology, build_topology, check_layout
-
-_FAILED_KEY = "llama/first_failure"
 
 
 def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None,
@@ -32,36 +30,4 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | N
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,
                                 world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
-    return build_topology(tp, pp, dp)
-
-
-def _store():
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
-        return None
-
-
-def record_failure(message: str) -> None:
-    """Leave 'rank R: message' in the store (the first failure wins); best effort."""
-    store = _store()
-    if store is None:
-        return
-    try:
-        store.compare_set(_FAILED_KEY, "", f"rank {dist.get_rank()}: {message}")
-    except Exception:
-        pass
-
-
-def first_failure() -> str | None:
-    """What the first rank to fail recorded, if the store (on rank 0) is still reachable."""
-    store = _store()
-    if store is None:
-        return None
-    try:
-        store.set_timeout(datetime.timedelta(seconds=2))
-        if store.check([_FAILED_KEY]):
-            return store.get(_FAILED_KEY).decode()
-    except Exception:
-        return None
-    return None
+    return build_topology(tp, pp, dp, timeout_s=timeout_s)

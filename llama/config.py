@@ -6,16 +6,40 @@ by file stem (`llama-7b`, `tiny`). Every check fails with one line naming the va
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from llama import fault_drill
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the value and the rule."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's YAML 1.1 reads `1e-3` and `1.0e5` as strings (its floats need a dot and a signed
+    exponent); these read them as numbers, as YAML 1.2 and everyone's intuition do."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
+def parse_yaml(text: str, where: str):
+    """`text` as YAML (exponent floats included); an error names `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        line = f" (line {err.problem_mark.line + 1})" if err.problem_mark else ""
+        raise ConfigError(f"{where} is not valid YAML{line}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from None
 
 
 def _positive(obj, *names: str, integer: bool = False) -> None:
@@ -110,6 +134,7 @@ class TrainConfig:
     vocab_pad_multiple: int = 1
     peak_tflops: float = 0.0         # per device, for MFU; 0: known GPUs only
     inject_nonfinite_step: int = -1  # a fault drill: this step's loss becomes NaN (tests)
+    inject_fault: str = ""           # a fault drill, KIND@RANK:STEP (llama/fault_drill.py)
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "seq_len", "global_batch", "micro_batch", "log_every", integer=True)
@@ -126,6 +151,10 @@ class TrainConfig:
         _positive(self, "tp", "pp", "vpp", "vocab_pad_multiple", integer=True)
         if self.dp < 0:
             raise ConfigError(f"dp={self.dp} must be >= 0 (0: inferred from the world size)")
+        try:
+            fault_drill.parse(self.inject_fault)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.schedule not in ("gpipe", "1f1b", "interleaved"):
             raise ConfigError(f"schedule={self.schedule!r} must be one of gpipe, 1f1b, interleaved")
 
@@ -179,7 +208,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 def load_config(name_or_path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a preset or YAML file; `overrides` is {"model": {...}, "train": {...}, "data": {...}}."""
-    raw = yaml.safe_load(resolve_config_path(name_or_path).read_text()) or {}
+    path = resolve_config_path(name_or_path)
+    raw = parse_yaml(path.read_text(), f"config file {str(path)!r}") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping with 'model', 'train' and 'data' sections")
     for section, values in (overrides or {}).items():
         raw[section] = {**(raw.get(section) or {}), **values}
     unknown = sorted(set(raw) - {"model", "train", "data"})

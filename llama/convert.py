@@ -16,10 +16,12 @@ import torch
 
 from llama import formats
 from llama.config import LlamaConfig
-from parallel.checkpoint import FORMAT, read_meta
-from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile
+from llama.inputs import read_json
+from parallel.checkpoint import FORMAT, CheckpointError, read_meta
+from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile, TensorFileError
 
 FORMATS = ("native", "meta", "hf")
+CHECKPOINT_ERRORS = (CheckpointError, TensorFileError)  # a missing, truncated or foreign file: bad input
 
 
 class ConversionError(ValueError):
@@ -71,9 +73,9 @@ class MetaReader:
             except Exception as err:
                 raise ConversionError(f"{f}: cannot be read as a PyTorch checkpoint (truncated or corrupted?): "
                                       f"{str(err).splitlines()[0]}") from None
-        params = json.loads((path / "params.json").read_text())
+        params = read_json(path / "params.json", "Meta's params.json")
         vocab = self.state[0]["tok_embeddings.weight"].shape[0]
-        self.cfg = formats.config_from_meta(params, vocab, max_seq_len)
+        self.cfg = _config(formats.config_from_meta, path / "params.json", params, vocab, max_seq_len)
 
     def dtype(self, name: str) -> torch.dtype:
         return self.state[0][name].dtype
@@ -95,10 +97,10 @@ class HFReader:
         self.source = str(path)
         if not (path / "config.json").is_file():
             raise ConversionError(f"{self.source}: no config.json (not a Hugging Face model)")
-        self.cfg = formats.config_from_hf(json.loads((path / "config.json").read_text()))
+        self.cfg = _config(formats.config_from_hf, path / "config.json",
+                           read_json(path / "config.json", "Hugging Face config"))
         index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
+        files = _weight_files(index) if index.is_file() else ["model.safetensors"]
         self.files = {}
         for f in files:
             tf = TensorFile(path / f)
@@ -120,6 +122,24 @@ class HFReader:
         if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] > self.cfg.vocab_size:
             t = t[: self.cfg.vocab_size]
         return _check(name, t, shape, self.source)
+
+
+def _config(parse, path: Path, values, *args) -> LlamaConfig:
+    """parse(values, *args), its errors naming the file the values came from."""
+    try:
+        return parse(values, *args)
+    except KeyError as err:
+        raise ConversionError(f"{path}: no {err} key") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ConversionError(f"{path}: {err}") from None
+
+
+def _weight_files(index: Path) -> list[str]:
+    values = read_json(index, "safetensors index")
+    weight_map = values.get("weight_map") if isinstance(values, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: no 'weight_map' object")
+    return sorted(set(weight_map.values()))
 
 
 def open_reader(fmt: str, path, max_seq_len: int = 2048):

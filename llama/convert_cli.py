@@ -1,36 +1,50 @@
-"""`llama-convert --from FORMAT --to FORMAT --input PATH --output PATH [--tp N]`."""
+"""`llama-convert`: convert a LLaMA checkpoint between formats, one tensor at a time.
+
+Formats: `native` (this library's layout-free checkpoints: a directory with meta.json, or a root
+whose `latest` names one), `meta` (Meta's params.json + consolidated.NN.pth, one file per tp
+shard) and `hf` (Hugging Face's config.json + model*.safetensors). Every tensor is checked
+against the shape the config implies."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from llama.convert import FORMATS, ConversionError, convert
-from parallel.checkpoint import CheckpointError
-from parallel.tensor_files import TensorFileError
+from llama import cli
+from llama.convert import CHECKPOINT_ERRORS, FORMATS, convert
+
+EXAMPLES = """examples:
+  llama-convert --from meta --to native --input LLaMA/7B --output ckpt/llama-7b   # then llama-train --init-from
+  llama-convert --from hf --to native --input llama-7b-hf --output ckpt/llama-7b
+  llama-convert --from native --to hf --input runs/ckpt --output my-model-hf      # follows runs/ckpt/latest
+  llama-convert --from hf --to meta --input llama-7b-hf --output LLaMA-7B-tp2 --tp 2
+"""
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-convert", description=__doc__)
-    parser.add_argument("--from", dest="src_fmt", choices=FORMATS, required=True)
-    parser.add_argument("--to", dest="dst_fmt", choices=FORMATS, required=True)
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--tp", type=int, default=1, help="shards to write for --to meta")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="context length to record (meta has none)")
-    args = parser.parse_args(argv)
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(prog="llama-convert", description=__doc__, epilog=EXAMPLES)
+    parser.add_argument("--from", dest="src_fmt", choices=FORMATS, required=True, help="the input's format")
+    parser.add_argument("--to", dest="dst_fmt", choices=FORMATS, required=True, help="the output's format")
+    parser.add_argument("--input", required=True, help="the checkpoint to read (a directory)")
+    parser.add_argument("--output", required=True, help="the directory to write (created if missing)")
+    parser.add_argument("--tp", type=cli.int_at_least(1), default=1, help="shards to write for --to meta")
+    parser.add_argument("--max-seq-len", type=cli.int_at_least(1), default=2048,
+                        help="context length to record (Meta's params.json has none)")
+    return parser
+
+
+def run(args) -> int:
     start = time.perf_counter()
-    try:
-        info = convert(args.src_fmt, args.input, args.dst_fmt, args.output, args.tp, args.max_seq_len)
-    except (ConversionError, CheckpointError, TensorFileError, ValueError) as err:
-        print(f"llama-convert: error: {err}", file=sys.stderr)
-        return 2
+    info = convert(args.src_fmt, args.input, args.dst_fmt, args.output, args.tp, args.max_seq_len)
     cfg = info["config"]
     print(f"converted {args.src_fmt} → {args.dst_fmt}: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} "
           f"vocab={cfg.vocab_size}, {cfg.num_params():,} parameters in {time.perf_counter() - start:.1f} s; "
           f"peak memory {info['peak_rss_bytes'] / 2**20:.0f} MiB (largest tensor "
           f"{info['largest_tensor_elements'] * 4 / 2**20:.1f} MiB in fp32)")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv, errors=CHECKPOINT_ERRORS)
 
 
 if __name__ == "__main__":

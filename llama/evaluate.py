@@ -18,35 +18,40 @@ greedily up to a newline and compared after SQuAD's normalisation (case, punctua
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import re
 import string
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from llama import cli
+from llama.convert import CHECKPOINT_ERRORS
 from llama.generate import generate
+from llama.inputs import InputError, read_jsonl
 from llama.shards import Shard
 
 NORMALIZATIONS = ("char", "answer", "none")
 
 
 def read_tasks(path) -> list[dict]:
+    """A task file's examples: all multiple choice or all short answer, at least one."""
     examples = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        ex = json.loads(line)
+    for n, ex in read_jsonl(path, "task file"):
         if "context" not in ex or not ("choices" in ex or "answers" in ex):
-            raise ValueError(f"{path}:{n}: an example needs 'context' and 'choices' (+ 'answer') or 'answers'")
-        if "choices" in ex and not 0 <= ex.get("answer", -1) < len(ex["choices"]):
-            raise ValueError(f"{path}:{n}: 'answer' must index 'choices'")
+            raise InputError(f"{path}:{n}: an example needs 'context' and 'choices' (+ 'answer') or 'answers'")
+        answer = ex.get("answer")
+        if "choices" in ex and not (isinstance(answer, int) and 0 <= answer < len(ex["choices"])):
+            raise InputError(f"{path}:{n}: 'answer' must index 'choices' (0 to {len(ex['choices']) - 1}), "
+                             f"not {answer!r}")
+        if examples and ("choices" in ex) != ("choices" in examples[0]):
+            raise InputError(f"{path}:{n}: mixes multiple-choice and short-answer examples; use one file for each")
         examples.append(ex)
+    if not examples:
+        raise InputError(f"task file {str(path)!r} has no examples")
     return examples
 
 
@@ -126,6 +131,8 @@ def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16
 @torch.no_grad()
 def perplexity(model, shard_prefix, seq_len: int, max_windows: int | None = None, batch: int = 8) -> dict:
     """exp(mean next-token loss) over consecutive windows of the shard's token stream."""
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     shard = Shard(shard_prefix)
     shard.check_vocab(model.cfg.vocab_size)
     n = (shard.n_tokens - 1) // seq_len
@@ -144,49 +151,55 @@ def perplexity(model, shard_prefix, seq_len: int, max_windows: int | None = None
     return {"perplexity": math.exp(total / count), "loss": total / count, "tokens": count}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--format", default="native", choices=["native", "meta", "hf"])
-    parser.add_argument("--tokenizer", help="SentencePiece model (needed for --task)")
-    parser.add_argument("--perplexity", metavar="SHARD", help="a token shard prefix (PREFIX.bin/.idx)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--max-windows", type=int)
-    parser.add_argument("--task", action="append", default=[], help="a JSONL task file (repeatable)")
-    parser.add_argument("--shots", type=int, default=0)
-    parser.add_argument("--normalization", choices=NORMALIZATIONS, default="char")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--tp", type=int, default=1)
-    args = parser.parse_args(argv)
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(prog="llama-eval", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (or a root with `latest`)")
+    parser.add_argument("--format", default="native", choices=["native", "meta", "hf"], help="the checkpoint's format")
+    parser.add_argument("--tokenizer", help="SentencePiece model (needed for --task; default: none)")
+    parser.add_argument("--perplexity", metavar="SHARD", help="a token shard prefix (PREFIX.bin/.idx; default: none)")
+    parser.add_argument("--seq-len", type=cli.int_at_least(1), default=256, help="perplexity window, in tokens")
+    parser.add_argument("--max-windows", type=cli.int_at_least(1), help="perplexity windows (default: all)")
+    parser.add_argument("--task", action="append", default=[], help="a JSONL task file (repeatable; default: none)")
+    parser.add_argument("--shots", type=cli.int_at_least(0), default=0, help="solved examples before each one")
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default="char",
+                        help="multiple-choice score normalisation")
+    parser.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=16,
+                        help="short answers: tokens generated at most")
+    parser.add_argument("--tp", type=cli.int_at_least(1), default=1,
+                        help="tensor-parallel size (it must divide the world size; the rest are replicas)")
+    return parser
+
+
+def run(args) -> int:
+    if not args.perplexity and not args.task:  # checked before anything slow, as are the task files
+        raise InputError("nothing to evaluate: give --perplexity SHARD and/or --task FILE.jsonl")
+    if args.task and not args.tokenizer:
+        raise InputError("--task needs --tokenizer (the SentencePiece model of the checkpoint)")
+    tasks = {path: read_tasks(path) for path in args.task}
     from launcher.init import initialize
     from llama.generate import load_model
-    from llama.shards import ShardError
-    from llama.tokenizer import Tokenizer, TokenizerError
-    from parallel.checkpoint import CheckpointError
+    from llama.tokenizer import Tokenizer
     from parallel.layers import TensorParallel
-    try:
+    with cli.process_group_scope():
         topo = initialize(tp=args.tp)
+        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
         model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group))
         results = {}
         if args.perplexity:
             results["perplexity"] = perplexity(model, args.perplexity, args.seq_len, args.max_windows)
-        if args.task and not args.tokenizer:
-            raise ValueError("--task needs --tokenizer")
-        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
-        for path in args.task:
-            examples = read_tasks(path)
+        for path, examples in tasks.items():
             if "choices" in examples[0]:
                 r = multiple_choice(model, tokenizer, examples, args.shots, args.normalization)
             else:
                 r = exact_match(model, tokenizer, examples, args.max_new_tokens, args.shots)
             results[path] = {k: v for k, v in r.items() if k != "details"}
-    except (CheckpointError, ShardError, TokenizerError, ValueError) as err:
-        print(f"llama-eval: error: {err}", file=sys.stderr)
-        return 2
-    if topo.rank == 0:
-        print(json.dumps(results, indent=1))
+        if topo.rank == 0:
+            print(json.dumps(results, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv, errors=CHECKPOINT_ERRORS)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,16 @@ would leave all but one stage idle while decoding one token at a time).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
+import torch.distributed as dist
 
+from llama import cli
 from llama.config import LlamaConfig
-from llama.model import Transformer
-from parallel.checkpoint import CheckpointError, load_checkpoint, read_meta
+from llama.convert import CHECKPOINT_ERRORS
+from llama.model import Transformer, check_tensor_parallel
+from parallel.checkpoint import load_checkpoint, read_meta
 from parallel.layers import NO_TP, TensorParallel
 from parallel.params import shard_of
 
@@ -41,6 +43,25 @@ def new_caches(model: Transformer, batch: int, max_len: int) -> dict:
             for name in model.layers}
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1: the whole distribution)")
+
+
+def check_prompts(prompts: list[list[int]], max_seq_len: int) -> int:
+    """Room for new tokens after the longest prompt; a prompt that leaves none is an error
+    (prompt and new tokens share the model's context of max_seq_len positions)."""
+    for i, p in enumerate(prompts, 1):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
+        if len(p) >= max_seq_len:
+            raise ValueError(f"prompt {i} is {len(p)} tokens long; model.max_seq_len={max_seq_len} allows at most "
+                             f"{max_seq_len - 1}, leaving room for one new token")
+    return max_seq_len - max(len(p) for p in prompts)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """logits [batch, vocab] → token ids [batch]. temperature 0: greedy."""
     if temperature <= 0:
@@ -62,18 +83,20 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     All sequences share absolute positions from 0 (as Meta's code): decoding starts after the
     shortest prompt, and a longer prompt's own tokens overwrite the samples until it ends.
+    Prompts and new tokens share the context: a prompt must be shorter than max_seq_len, and
+    decoding stops there (the longest prompt gets at most max_seq_len - its length new tokens).
     Without `use_cache` every step recomputes the whole prefix (the reference for the cache)."""
     if model.tp.sp:
         raise ValueError("generation runs without sequence parallelism (one new token cannot be split over tp)")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    check_sampling(temperature, top_p)
+    check_prompts(prompts, model.cfg.max_seq_len)
     batch, shortest = len(prompts), min(len(p) for p in prompts)
     total = min(model.cfg.max_seq_len, max(len(p) for p in prompts) + max_new_tokens)
     device = model.output.weight.device
     tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
     is_prompt = torch.zeros(batch, total, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p[:total])
+        tokens[i, :len(p)] = torch.tensor(p)
         is_prompt[i, :len(p)] = True
     caches = new_caches(model, batch, total) if use_cache else None
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -117,6 +140,7 @@ def load_model(checkpoint: str, fmt: str = "native", tp: TensorParallel = NO_TP,
         cfg = reader.cfg
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
+    check_tensor_parallel(cfg, tp.size, ranks=dist.get_world_size() if dist.is_initialized() else None)
     model = Transformer(cfg, tp=tp, attention="auto", device=device, dtype=dtype).eval()
     if reader is None:
         load_checkpoint(checkpoint, [model], None, None, weights_only=True)
@@ -127,39 +151,50 @@ def load_model(checkpoint: str, fmt: str = "native", tp: TensorParallel = NO_TP,
     return model
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(prog="llama-generate", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (or a root with `latest`)")
-    parser.add_argument("--format", default="native", choices=["native", "meta", "hf"])
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece model")
+    parser.add_argument("--format", default="native", choices=["native", "meta", "hf"], help="the checkpoint's format")
+    parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the checkpoint was trained with")
     parser.add_argument("--prompt", action="append", required=True, help="repeatable: a batch of prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=64,
+                        help="per prompt; capped (with a warning) to what the context has left after the longest "
+                             "prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1: off")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    parser.add_argument("--tp", type=cli.int_at_least(1), default=1,
+                        help="tensor-parallel size (it must divide the world size; the rest are replicas)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the model's precision")
+    return parser
+
+
+def run(args) -> int:
+    check_sampling(args.temperature, args.top_p)  # before anything slow
     from launcher.init import initialize
-    from llama.tokenizer import Tokenizer, TokenizerError
-    try:
+    from llama.tokenizer import Tokenizer
+    with cli.process_group_scope():
         topo = initialize(tp=args.tp)
-        if topo.pp > 1:
-            raise ValueError("generation runs at pp=1")
         tokenizer = Tokenizer(args.tokenizer)
         model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group),
                            torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         tokenizer.check_fits(model.cfg.vocab_size)
-    except (CheckpointError, TokenizerError, ValueError) as err:
-        print(f"llama-generate: error: {err}", file=sys.stderr)
-        return 2
-    prompts = [tokenizer.encode(p, bos=True) for p in args.prompt]
-    outs = generate(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.temperature, args.top_p, args.seed)
-    if topo.rank == 0:
-        for prompt, new in zip(prompts, outs):  # decoded together: the space before a new word is kept
-            print(f"{tokenizer.decode(prompt + new)}\n{'-' * 40}")
+        prompts = [tokenizer.encode(p, bos=True) for p in args.prompt]
+        room = check_prompts(prompts, model.cfg.max_seq_len)
+        if args.max_new_tokens > room and topo.rank == 0:
+            cli.warn("llama-generate", f"--max-new-tokens {args.max_new_tokens} capped to {room}: the longest prompt "
+                     f"({max(map(len, prompts))} tokens) and its new tokens share model.max_seq_len="
+                     f"{model.cfg.max_seq_len}")
+        outs = generate(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.temperature, args.top_p,
+                        args.seed)
+        if topo.rank == 0:
+            for prompt, new in zip(prompts, outs):  # decoded together: the space before a new word is kept
+                print(f"{tokenizer.decode(prompt + new)}\n{'-' * 40}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv, errors=CHECKPOINT_ERRORS)
 
 
 if __name__ == "__main__":

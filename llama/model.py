@@ -34,15 +34,23 @@ from parallel.recompute import check_mode, run_with_recompute
 from parallel.topology import divisors
 
 
-def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: int | None = None) -> None:
-    """Fail with one line, before any collective, when the model cannot be split over tp ranks."""
-    if cfg.n_heads % tp:
-        raise ValueError(f"n_heads={cfg.n_heads} is not divisible by tp={tp}; choose tp in {divisors(cfg.n_heads, 64)}")
-    if cfg.ffn_dim % tp:
-        raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={tp}; choose tp in {divisors(cfg.ffn_dim, 64)}")
+def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: int | None = None,
+                          ranks: int | None = None) -> None:
+    """Fail with one line, before any collective, when the model cannot be split over tp ranks.
+    `ranks`: the processes tp can spread over (world / pp), when known: the tp values suggested
+    divide it too."""
+    for name, value in (("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
+        if value % tp:
+            raise ValueError(f"{name}={value} is not divisible by tp={tp}; choose tp in {_tp_choices(value, ranks)}")
     if sp and seq_len is not None and seq_len % tp:
         raise ValueError(f"seq_len={seq_len} is not divisible by tp={tp}: sequence parallelism shards the "
                          f"sequence over the tp ranks; pad the sequence or turn sp off")
+
+
+def _tp_choices(n: int, ranks: int | None) -> str:
+    if ranks is None:
+        return str(divisors(n, 64))
+    return f"{[d for d in divisors(n, ranks) if ranks % d == 0]} (those that also divide the {ranks} processes)"
 
 
 class _SwiGLU(torch.autograd.Function):

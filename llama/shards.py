@@ -45,6 +45,11 @@ class ShardWriter:
         self.file.write(arr.astype(self.dtype).tobytes())
         self.offsets.append(self.offsets[-1] + len(arr))
 
+    def abort(self) -> None:
+        """Stop and remove what was written: a failed run leaves no shard, whole or partial."""
+        self.file.close()
+        self.tmp_bin.unlink(missing_ok=True)
+
     def close(self) -> None:
         self.file.close()
         tmp_idx = Path(f"{self.prefix}.idx.tmp")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from llama.inputs import check_file
+
 
 class TokenizerError(ValueError):
     pass
@@ -15,11 +17,12 @@ class TokenizerError(ValueError):
 
 class Tokenizer:
     def __init__(self, model_path: str | Path):
-        path = Path(model_path)
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer model {str(path)!r} does not exist")
-        self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.path = check_file(model_path, "tokenizer model", TokenizerError)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except RuntimeError:  # SentencePiece says only "could not parse ModelProto"
+            raise TokenizerError(f"tokenizer model {str(self.path)!r} is not a SentencePiece model "
+                                 "(truncated, or another kind of file)") from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
 
@@ -40,19 +43,37 @@ class Tokenizer:
 def train_tokenizer(texts, model_prefix: str | Path, vocab_size: int = 32000, threads: int = 2) -> Path:
     """Train SentencePiece BPE with the paper's options on an iterable of documents; returns
     the `.model` path. Normalisation is off so that decode(encode(text)) == text."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        split_digits=True, byte_fallback=True, character_coverage=0.99995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=threads,
-        max_sentence_length=1 << 16, train_extremely_large_corpus=False, minloglevel=2)
+    model, failures = io.BytesIO(), []
+
+    def documents():  # SentencePiece turns an error raised here into a RuntimeError of its own text
+        try:
+            yield from texts
+        except Exception as err:
+            failures.append(err)
+            raise
+
+    try:
+        _train(documents(), model, vocab_size, threads)
+    except RuntimeError as err:
+        if failures:
+            raise failures[0] from None
+        reason = str(err).split("] ", 1)[-1].strip() or str(err)  # past SentencePiece's source location
+        raise TokenizerError(f"cannot train a vocab_size={vocab_size} tokenizer on this input: {reason}") from None
     path = Path(f"{model_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".model.tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(path)
     return path
+
+
+def _train(sentences, model_writer, vocab_size: int, threads: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=model_writer, vocab_size=vocab_size, model_type="bpe",
+        split_digits=True, byte_fallback=True, character_coverage=0.99995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=threads,
+        max_sentence_length=1 << 16, train_extremely_large_corpus=False, minloglevel=2)
 
 
 class ByteTokenizer:

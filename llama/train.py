@@ -7,22 +7,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
-from launcher.init import first_failure, initialize, record_failure
+from launcher import faults
+from launcher.init import initialize
 from launcher.rendezvous import RendezvousError
-from llama.config import ConfigError, RunConfig, load_config
+from llama.cli import Parser
+from llama.config import ConfigError, RunConfig, load_config, parse_yaml
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
+from llama.fault_drill import FaultDrill, poison_next_output
+from llama.memory_estimate import predicted_memory
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
 from llama.model import check_tensor_parallel
 from llama.parallelize import activation_shape, build_chunks
@@ -119,7 +124,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     accumulation = check_batch(t.global_batch, t.micro_batch, topo.dp)
-    check_tensor_parallel(m, topo.tp, t.sp, t.seq_len)
+    check_tensor_parallel(m, topo.tp, t.sp, t.seq_len, ranks=topo.world // topo.pp)
     check_schedule(t.schedule, accumulation, topo.pp, t.vpp)
     chunk_sizes(m.n_layers, topo.pp, t.vpp, t.stage_layers)  # the split, checked on every rank
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -137,6 +142,10 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     data = data or build_data(run)
     peak = t.peak_tflops or device_peak_tflops()
     is_logger = topo.rank == 0
+    drill = FaultDrill(t.inject_fault, topo.rank)
+    summary = startup_summary(run, topo, chunks, accumulation)
+    if is_logger:
+        tqdm.write(summary)
     writer = MetricsWriter(metrics_path if is_logger else None, append=bool(ckpt.resume))
     result = TrainResult(chunks=chunks, optimizer=optimizer)
     first_step = 0
@@ -152,14 +161,19 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
                dynamic_ncols=True, initial=first_step, total=t.steps)
     start = time.perf_counter()
     for step in bar:
+        step_start = time.perf_counter()
+        faults.set_phase(f"step {step}: forward/backward")
         lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         mine = rank_slice(data, result.consumed_samples, t.global_batch, topo.dp, topo.dp_rank).to(device)
         result.consumed_samples += t.global_batch
         micro = [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(t.micro_batch)]
         if step == t.inject_nonfinite_step and chunks[-1].last_stage:
-            _poison_next_loss(chunks[-1])
+            poison_next_output(chunks[-1])
+        drill.at_step_start(step, chunks, p2p)
         buckets.start_step(accumulation)
         stats = run_schedule(t.schedule, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype])
+        faults.set_phase(f"step {step}: optimizer")
+        drill.before_optimizer(step)
         grad_norm, skipped = optimizer.step(lr)
         loss = _mean_loss(stats.losses, topo, device)
         result.losses.append(loss)
@@ -168,31 +182,48 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             result.skipped.append(step)
             if is_logger:
                 tqdm.write(f"step {step}: gradient norm is {grad_norm}; the update was skipped")
-        elapsed = time.perf_counter() - start
+        now = time.perf_counter()
+        step_s, elapsed = now - step_start, now - start
         tokens_per_s = (step + 1 - first_step) * tokens_per_step / elapsed
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_s": step_s,
+                  "tokens_per_s": tokens_per_s,
                   "tokens_per_s_per_process": tokens_per_s / topo.world,
                   "mfu": mfu(m, t.seq_len, tokens_per_s, topo.world, peak),
                   "peak_memory_bytes": peak_memory_bytes(), "skipped": skipped}
         writer.write(record)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s:,.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", step_s=f"{step_s:.2f}",
+                        tok_s=f"{tokens_per_s:,.0f}")
         if is_logger and not show_progress and (step % t.log_every == 0 or step == t.steps - 1):
-            print(f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} tokens/s {tokens_per_s:,.0f}",
-                  flush=True)
+            print(f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} step {step_s:.3f} s "
+                  f"tokens/s {tokens_per_s:,.0f}", flush=True)
         done = step + 1
         if ckpt.save_dir and (done == t.steps or (ckpt.save_every and done % ckpt.save_every == 0)):
+            faults.set_phase(f"step {step}: saving a checkpoint")
             save_checkpoint(ckpt.save_dir, done, chunks, optimizer, topo, keep=ckpt.keep,
                             meta={"consumed_samples": result.consumed_samples, "config": asdict(run)})
     writer.close()
     return result
 
 
-def _poison_next_loss(chunk) -> None:
-    """The fault drill: the next loss `chunk` computes becomes NaN (so do all gradients)."""
-    def hook(module, args, out):
-        handle.remove()
-        return out * float("nan")
-    handle = chunk.register_forward_hook(hook)
+def startup_summary(run: RunConfig, topo, chunks, accumulation: int) -> str:
+    """What rank 0 prints before the first step: parameters, layout, batch and predicted memory.
+    Every rank calls it (the per-rank maximum is a collective)."""
+    m, t = run.model, run.train
+    local = sum(p.numel() for c in chunks for p in c.parameters())
+    layers = sum(len(c.layers) for c in chunks if hasattr(c, "layers"))
+    most = torch.tensor([local], dtype=torch.float64)
+    if topo.world > 1:
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=topo.world_group)
+    mem = predicted_memory(m, t, topo.tp, topo.pp, topo.dp, topo.pp_rank, local, layers, accumulation)
+    gib = {k: v / 2**30 for k, v in mem.items()}
+    sp = " sp" if t.sp and topo.tp > 1 else ""
+    return (f"model: {m.num_params():,} parameters; {local:,} on rank 0, at most {int(most.item()):,} on a rank\n"
+            f"layout: world {topo.world} = tp {topo.tp}{sp} x pp {topo.pp} (vpp {t.vpp}, {t.schedule}) x dp {topo.dp}; "
+            f"{t.dtype}, recompute {t.recompute}{', distributed optimizer' if t.distributed_optimizer else ''}\n"
+            f"batch: {t.global_batch} sequences x {t.seq_len} tokens = {t.global_batch * t.seq_len:,} tokens per step; "
+            f"{accumulation} micro-batches of {t.micro_batch} per dp rank\n"
+            f"predicted memory on rank 0: {gib['total']:.2f} GiB (weights {gib['weights']:.2f}, gradients "
+            f"{gib['gradients']:.2f}, optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f})")
 
 
 def _mean_loss(losses: list[float], topo, device) -> float:
@@ -207,14 +238,14 @@ def _mean_loss(losses: list[float], topo, device) -> float:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`section.key=value` pairs (value parsed as YAML) → {"section": {"key": value}}."""
+    """`section.key=value` pairs (value parsed as YAML, `1e-3` a number) → {"section": {"key": value}}."""
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in ("model", "train", "data"):
             raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, SECTION one of model, train, data")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        out.setdefault(section, {})[name] = parse_yaml(value, f"--set {item!r}")
     return out
 
 
@@ -227,36 +258,49 @@ FLAGS = {  # command-line flag -> train config key
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="llama-train", description=__doc__)
     p.add_argument("--config", default="tiny", help="a preset name (configs/*.yaml) or a YAML path")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value, e.g. --set model.n_layers=2 (repeatable)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, help="pipeline-parallel size")
-    p.add_argument("--dp", type=int, help="data-parallel size (default: world / (tp*pp))")
-    p.add_argument("--sp", action="store_true", default=None, help="sequence parallelism (needs tp > 1 to matter)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule")
-    p.add_argument("--vpp", type=int, help="model chunks per pipeline rank (interleaved schedule)")
-    p.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch")
-    p.add_argument("--global-batch-size", type=int, help="sequences per optimiser step (all dp ranks)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", choices=sorted(DTYPES))
+                   help="override any config value, e.g. --set model.n_layers=2 (repeatable; default: none)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default: the config's train.tp)")
+    p.add_argument("--pp", type=int, help="pipeline-parallel size (default: the config's train.pp)")
+    p.add_argument("--dp", type=int,
+                   help="data-parallel size (default: the config's train.dp; 0 there: world / (tp*pp))")
+    p.add_argument("--sp", action="store_true", default=None,
+                   help="sequence parallelism, needs tp > 1 to matter (default: the config's train.sp)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (default: the config's train.schedule)")
+    p.add_argument("--vpp", type=int,
+                   help="model chunks per pipeline rank, interleaved schedule (default: the config's train.vpp)")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="sequences per micro-batch (default: the config's train.micro_batch)")
+    p.add_argument("--global-batch-size", type=int,
+                   help="sequences per optimiser step, all dp ranks (default: the config's train.global_batch)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's train.seq_len)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the config's train.steps)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.lr)")
+    p.add_argument("--seed", type=int, help="initialisation and data seed (default: the config's train.seed)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="precision (default: the config's train.dtype)")
     p.add_argument("--distributed-optimizer", action="store_true", default=None,
-                   help="shard master weights and Adam state over dp (ZeRO-1)")
-    p.add_argument("--recompute", choices=["none", "selective", "full"])
-    p.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
-    p.add_argument("--peak-tflops", type=float, help="device peak (bf16 TFLOP/s) for MFU")
-    p.add_argument("--metrics", metavar="PATH", help="rank 0 writes one JSON line per step here")
-    p.add_argument("--save", metavar="DIR", help="write checkpoints under DIR (step_000100/, latest)")
-    p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (and at the end)")
+                   help="shard master weights and Adam state over dp, ZeRO-1 "
+                        "(default: the config's train.distributed_optimizer)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"],
+                   help="activation checkpointing (default: the config's train.recompute)")
+    p.add_argument("--attention", choices=["auto", "sdpa", "xformers"],
+                   help="attention backend (default: the config's train.attention)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="device peak (bf16 TFLOP/s) for MFU (default: the config's train.peak_tflops; "
+                        "0 there: known GPUs only)")
+    p.add_argument("--metrics", metavar="PATH", help="rank 0 writes one JSON line per step here (default: none)")
+    p.add_argument("--save", metavar="DIR",
+                   help="write checkpoints under DIR (step_000100/, latest) (default: no checkpoints)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps and at the end; 0: only at the end")
     p.add_argument("--keep", type=int, default=3, metavar="K", help="keep the last K checkpoints")
     p.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from a checkpoint: PATH, or without PATH the latest under --save")
-    p.add_argument("--init-from", metavar="PATH", help="start from these weights (any layout; a converted model)")
+                   help="continue from a checkpoint: PATH, or without PATH the latest under --save "
+                        "(default: start at step 0)")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from these weights, any layout; a converted model (default: a fresh initialisation)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a collective may wait before every rank gives up (a dead or stuck peer)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
@@ -272,26 +316,36 @@ def main(argv: list[str] | None = None) -> int:
         run = load_config(args.config, overrides)
         t = run.train
         topo = initialize(t.tp, t.pp, t.dp or None, timeout_s=args.timeout)
+        faults.start(topo.rank, topo.world, args.timeout)
         resume = args.resume
         if resume == "":
             if not args.save:
                 raise ConfigError("--resume without a PATH needs --save DIR to find the latest checkpoint")
-            resume = args.save if (Path(args.save) / "latest").is_file() else None  # nothing yet: start fresh
+            resume = args.save if (Path(args.save) / "latest").is_file() else None
+            if resume is None and topo.rank == 0:
+                print(f"--resume: no checkpoint under {args.save} yet: starting fresh", flush=True)
         ckpt = CheckpointOptions(args.save, args.save_every, args.keep, resume, args.init_from)
         result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics, ckpt=ckpt)
     except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, CheckpointError,
             TensorFileError, ValueError) as err:
-        print(f"llama-train: error: {err}", file=sys.stderr)
+        # Every rank checks its input before the first collective and fails alike: rank 0 says so.
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"llama-train: error: {err}", file=sys.stderr)
+        faults.stop("exited after an input error")
         return 2
-    except Exception as err:  # a failure during the run: say which rank, and which failed first
+    except Exception as err:  # a failure during the run: name the rank that failed first
         if not dist.is_initialized():
             raise
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        record_failure(message)
-        first = first_failure()
-        culprit = f" (first failure: {first})" if first and not first.startswith(f"rank {dist.get_rank()}:") else ""
-        print(f"llama-train: rank {dist.get_rank()}: {message}{culprit}", file=sys.stderr, flush=True)
-        return 1
+        if not faults.is_peer_failure(err):
+            traceback.print_exc()  # this rank's own failure: its traceback is what the user needs
+        line = faults.failure_line("llama-train", err, dist.get_rank(), dist.get_world_size(), args.timeout,
+                                   faults.group_names(topo) if "topo" in locals() else {})
+        print(line, file=sys.stderr, flush=True)
+        faults.stop("exited after a failure")
+        # Exit now: interpreter teardown with a broken process group can abort (SIGABRT) or hang.
+        sys.stdout.flush()
+        os._exit(1)
+    faults.stop("exited")
     if topo.rank == 0 and not result.losses:
         print(f"nothing to do: the run already reached train.steps={run.train.steps}", flush=True)
     elif topo.rank == 0:

@@ -7,6 +7,7 @@ in the same order, as torch.distributed requires. A group of one rank is `None`:
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -90,8 +91,19 @@ class Topology:
                 f"tp_rank={self.tp_rank}, dp_rank={self.dp_rank}, pp_rank={self.pp_rank})")
 
 
-def build_topology(tp: int = 1, pp: int = 1, dp: int | None = None) -> Topology:
-    """Build every group of the layout. Without an initialised process group: world size 1."""
+def world_timeout() -> datetime.timedelta | None:
+    """The world group's timeout (the store was given it at init), or None when unknown."""
+    try:
+        return dist.distributed_c10d._get_default_store().timeout
+    except Exception:  # a fake or custom store
+        return None
+
+
+def build_topology(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: float | None = None) -> Topology:
+    """Build every group of the layout. Without an initialised process group: world size 1.
+
+    Every group gets the timeout (`timeout_s`, else the world group's): `new_group` does not
+    inherit it, and a collective on a group without one waits as long as a stuck peer stays stuck."""
     initialised = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialised else 1
     dp = check_layout(world, tp, pp, dp)
@@ -102,10 +114,12 @@ def build_topology(tp: int = 1, pp: int = 1, dp: int | None = None) -> Topology:
     def ranks(tp_r, dp_r, pp_r):
         return [topo.rank_of(t, d, p) for t in tp_r for d in dp_r for p in pp_r]
 
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else world_timeout()
+
     def make(groups: list[list[int]]):
         mine = None
         for members in groups:  # every rank creates every group, in the same order
-            g = dist.new_group(sorted(members)) if len(members) > 1 else None
+            g = dist.new_group(sorted(members), timeout=timeout) if len(members) > 1 else None
             if topo.rank in members:
                 mine = g
         return mine

@@ -3,26 +3,44 @@
 
     python tools/plot_metrics.py runs/demo/metrics.jsonl --out runs/demo/loss.png
 """
-import argparse
-import json
 import sys
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--title", default="training loss")
-    args = parser.parse_args()
-    rows = [json.loads(line) for line in open(args.metrics) if line.strip()]
+from llama import cli  # noqa: E402
+from llama.inputs import InputError, read_jsonl  # noqa: E402
+
+KEYS = ("step", "loss", "lr")  # what each record of llama-train --metrics holds, among others
+
+
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(prog=Path(__file__).name, description=__doc__)
+    parser.add_argument("metrics", help="the JSONL that llama-train --metrics wrote")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--title", default="training loss", help="the plot's title, before the first → last loss")
+    return parser
+
+
+def read_metrics(path) -> list[dict]:
+    rows = []
+    for n, record in read_jsonl(path, "metrics file"):
+        missing = [k for k in KEYS if not isinstance(record.get(k), (int, float))]
+        if missing:
+            raise InputError(f"{path}:{n}: no number under {missing} (not a llama-train --metrics file?)")
+        rows.append(record)
     if not rows:
-        print(f"plot_metrics: {args.metrics} has no records", file=sys.stderr)
-        return 2
+        raise InputError(f"metrics file {str(path)!r} has no records")
+    return rows
+
+
+def run(args) -> int:
+    rows = read_metrics(args.metrics)
     steps = [r["step"] for r in rows]
     fig, loss_ax = plt.subplots(figsize=(7, 4), dpi=120)
     loss_ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
@@ -37,6 +55,10 @@ def main() -> int:
     fig.savefig(args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -5,27 +5,33 @@ document, with worker processes; the shard appears under its name only when comp
     python tools/preprocess_data.py --input docs.jsonl --json-key text --tokenizer tok.model \\
         --output-prefix data/mine --workers 4
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.preprocess import preprocess  # noqa: E402
+from llama import cli  # noqa: E402
+from llama.preprocess import add_input_arguments, preprocess  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True)
-    parser.add_argument("--json-key", default="text")
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(prog=Path(__file__).name, description=__doc__)
+    add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, help="a SentencePiece .model (Meta's tokenizer.model works)")
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--workers", type=cli.int_at_least(1), default=2, help="tokenising processes")
+    return parser
+
+
+def run(args) -> int:
     s = preprocess(args.input, args.tokenizer, args.output_prefix, args.json_key, args.workers)
     print(f"{s['documents']:,} documents, {s['tokens']:,} tokens, {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s: "
           f"{s['mb_per_s']:.2f} MB/s")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ tests skip with that line, unless LLAMA_REQUIRE_LAUNCHERS=1 (set by .ci/run), wh
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,6 +128,23 @@ class LocalSlurm:
             except (OSError, ValueError):
                 pass
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def slurm_cluster(nodes: int, base_port: int):
+    """A started LocalSlurm, stopped and removed afterwards; fails the test when SLURM is missing."""
+    reason = missing_slurm()
+    if reason:
+        unavailable(reason)
+    # not under pytest's tmp_path: its parents are private to root, and munged runs as 'munge'
+    directory = tempfile.mkdtemp(prefix="llama-slurm-")
+    cluster = LocalSlurm(directory, nodes=nodes, base_port=base_port)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def mpirun(n: int, args, timeout=300) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import torch
 
 from llama.data import Mixture, PackedDataset, block_counts, epoch_report, load_mixture, rank_slice
 from llama.demo_corpus import prose_text
+from llama.inputs import InputError
 from llama.preprocess import preprocess
 from llama.shards import Shard, ShardError, ShardWriter
 from llama.tokenizer import Tokenizer, TokenizerError, train_tokenizer
@@ -50,7 +51,7 @@ def test_preprocess_jsonl_and_text(tokenizer, tmp_path):
     for i, text in enumerate(SAMPLES[:4]):
         doc = shard.tokens[shard.offsets[i]:shard.offsets[i + 1]]
         assert doc[0] == tokenizer.bos_id and doc[-1] == tokenizer.eos_id and tokenizer.decode(doc[1:-1]) == text
-    with pytest.raises(KeyError, match="has no key 'text'"):
+    with pytest.raises(InputError, match=r"a.jsonl:1: no text under key 'text'"):
         preprocess([tmp_path / "a.jsonl"], tokenizer.path, tmp_path / "x", workers=1, progress=False)
 
 

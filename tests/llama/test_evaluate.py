@@ -2,6 +2,9 @@
 and a tiny model trained on a copy task scoring above chance."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from llama.tokenizer import ByteTokenizer
 from llama.train import train
 from parallel.params import init_parameters
 from parallel.topology import build_topology
+from tests.launcher.real_launchers import ROOT
 from tests.llama.test_train_layouts import _run_config
 
 TASKS = [{"context": "The sky is", "choices": [" blue", " green and wet", " x"], "answer": 0},
@@ -125,18 +129,22 @@ def test_answer_normalisation_and_task_files(tmp_path):
         read_tasks(tmp_path / "t.jsonl")
 
 
+def _save_tiny_model(path, vocab_size: int):
+    from llama.parallelize import build_chunks
+    from parallel.checkpoint import save_checkpoint
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=16, max_seq_len=64)
+    topo = build_topology()
+    save_checkpoint(path, 1, build_chunks(cfg, topo, seed=0), None, topo,
+                    meta={"consumed_samples": 0, "config": {"model": cfg.__dict__}})
+
+
 def test_the_generate_and_eval_commands_on_a_saved_checkpoint(tmp_path, capsys):
     from llama.demo_corpus import prose_text
     from llama.evaluate import main as eval_main
     from llama.generate import main as generate_main
-    from llama.parallelize import build_chunks
     from llama.tokenizer import train_tokenizer
-    from parallel.checkpoint import save_checkpoint
     tok = train_tokenizer(prose_text(max_bytes=100_000).split("\n\n"), tmp_path / "tok", vocab_size=600)
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=600, multiple_of=16, max_seq_len=64)
-    topo = build_topology()
-    save_checkpoint(tmp_path / "ckpt", 1, build_chunks(cfg, topo, seed=0), None, topo,
-                    meta={"consumed_samples": 0, "config": {"model": cfg.__dict__}})
+    _save_tiny_model(tmp_path / "ckpt", vocab_size=600)
     assert generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tok), "--prompt", "The file",
                           "--prompt", "Return", "--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out
@@ -150,3 +158,21 @@ def test_the_generate_and_eval_commands_on_a_saved_checkpoint(tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert results["perplexity"]["tokens"] == 32 * 18 and 0 <= results[str(tmp_path / "mc.jsonl")]["accuracy"] <= 1
     assert eval_main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_two_process_eval_exits_cleanly_every_time(tmp_path):
+    """torchrun at tp=2: the result and exit code 0, run after run. Without destroying the process
+    group before exit, about one run in four printed its result and then died of SIGABRT."""
+    _save_tiny_model(tmp_path / "ckpt", vocab_size=256)
+    w = ShardWriter(tmp_path / "valid", 256)
+    w.add(list(range(256)) * 2)
+    w.close()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "llama.evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--perplexity", str(tmp_path / "valid"),
+           "--seq-len", "32", "--tp", "2"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    for attempt in range(4):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (attempt, proc.returncode, proc.stderr[-3000:])
+        assert json.loads(proc.stdout)["perplexity"]["tokens"] == 32 * 15

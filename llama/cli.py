@@ -1,0 +1,79 @@
+"""What every command shares: its help layout, and how it answers bad input: one line on stderr,
+`PROG: error: <what value, what rule>`, and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+BAD_INPUT = 2  # the exit code of a command given something it cannot use (argparse's own)
+INPUT_ERRORS = (ValueError, OSError)  # every command's checks raise ValueErrors; OSError names its file
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (its example commands keep their lines) and every flag's
+    default after its help. A flag whose default is None says in its help what that means."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, whose own errors (a flag missing, a value of the wrong type)
+    are one line too: the usage it would print first is what --help shows."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        sys.exit(fail(self.prog, f"{message} (see {self.prog} --help)"))
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low, refused with the rule."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+def fail(prog: str, err) -> int:
+    """Print the one line and return the exit code; a message that spans lines is joined."""
+    print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    return BAD_INPUT
+
+
+def warn(prog: str, message: str) -> None:
+    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def run(parser: argparse.ArgumentParser, body, argv=None, errors: tuple = ()) -> int:
+    """Parse argv, then body(args) → its exit code; bad input (INPUT_ERRORS + `errors`) → one
+    line and BAD_INPUT."""
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except INPUT_ERRORS + errors as err:
+        return fail(parser.prog, err)
+
+
+@contextmanager
+def process_group_scope():
+    """Destroy the process group started inside, on every exit path: left to interpreter
+    shutdown, gloo's teardown can abort (SIGABRT) after the result was printed. A group that
+    existed before (a caller's, a test's) is left alone."""
+    import torch.distributed as dist
+    owned = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()

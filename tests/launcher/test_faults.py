@@ -1,0 +1,81 @@
+"""The fault matrix (issue 15), as tests: under real launchers one rank is killed, stopped, raises
+in forward or in the optimizer step, produces a NaN loss, or disagrees in the pipeline handshake.
+Every rank must be gone within --timeout + 30 s, each rank must print one line naming the
+culprit, the launcher must exit non-zero, and the last complete checkpoint must resume.
+
+The whole matrix (3 launchers × 4 layouts × 6 faults, with times) is
+`python -m benchmarks.fault_matrix`; these tests run the cells that cover each fault, each
+layout and each launcher once or more, in about three minutes.
+"""
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from launcher import faults
+from llama.fault_drill import parse
+from tests.launcher.fault_runs import run_cell, verdict
+from tests.launcher.real_launchers import missing_mpi, missing_slurm, requires, slurm_cluster, unavailable
+
+CELLS = [("torchrun", "tp2pp2sp", f) for f in ("kill", "stop", "forward", "optimizer", "nan", "handshake")] + [
+    ("torchrun", "tp2", "stop"), ("torchrun", "pp2", "kill"), ("torchrun", "dp2", "stop")]
+
+
+def _check(cell):
+    wrong = verdict(cell)
+    assert not wrong, "\n".join(wrong) + "\n--- output ---\n" + cell.output[-4000:]
+    print(f"\n{cell.launcher} {cell.layout} {cell.fault}: exit after {cell.exit_after_s} s, code {cell.code}")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher,layout,fault", CELLS, ids=["-".join(c) for c in CELLS])
+def test_fault_under_torchrun(launcher, layout, fault, tmp_path):
+    _check(run_cell(launcher, layout, fault, tmp_path, resume=fault in ("stop", "forward")))
+
+
+@requires(missing_mpi)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", ["stop", "forward"])
+def test_fault_under_mpirun(fault, tmp_path):
+    reason = missing_mpi()
+    if reason:
+        unavailable(reason)
+    _check(run_cell("mpirun", "tp2pp2sp", fault, tmp_path, resume=fault == "stop"))
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    with slurm_cluster(1, 16900) as cluster:
+        yield cluster
+
+
+@requires(missing_slurm)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", ["kill", "optimizer"])
+def test_fault_under_srun(fault, slurm):
+    workdir = Path(tempfile.mkdtemp(prefix="llama-faults-"))
+    try:
+        _check(run_cell("srun", "tp2pp2sp", fault, workdir, slurm=slurm, resume=fault == "kill"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_peer_failures_are_told_from_a_rank_s_own():
+    assert faults.is_peer_failure(RuntimeError("[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
+    assert faults.is_peer_failure(RuntimeError("Timed out waiting 8000ms for recv operation to complete"))
+    assert not faults.is_peer_failure(ValueError("shapes do not match"))
+    assert not faults.is_peer_failure(RuntimeError("pipeline stages disagree: stage 0 has ..."))
+
+
+def test_gloo_errors_shrink_to_their_first_sentence():
+    err = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                       "[127.0.0.1]:2219. This is typically caused by a remote worker crashing. GLHF!")
+    assert faults._first_line(err) == "RuntimeError: Connection closed by peer [127.0.0.1]:2219"
+
+
+def test_a_fault_drill_must_name_a_kind_a_rank_and_a_step():
+    assert parse("stop@3:2") == ("stop", 3, 2)
+    assert parse("") is None
+    with pytest.raises(ValueError, match="KIND@RANK:STEP"):
+        parse("explode@1:2")
