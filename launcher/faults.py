@@ -53,13 +53,22 @@ _report_lock = threading.Lock()  # one line per rank: the main thread's or the S
 _PARALLEL_DIR = str(Path(__file__).resolve().parent.parent / "parallel")
 # Substrings of the errors gloo, NCCL and the store raise when a peer, not this rank, went away.
 _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Timed out waiting",
-                "timed out", "Timeout", "NCCL", "Socket")
+                "timed out", "Timeout", "NCCL", "Socket", "monitoredBarrier")
 
 
 def set_phase(text: str) -> None:
     """What this rank is doing, for its heartbeat (an assignment: cheap on the hot path)."""
     global _phase
     _phase = text
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in one system call: ranks share the launcher's pipe, and print()'s
+    separate write of the newline would let another rank's line land in the middle of ours."""
+    try:
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+    except (AttributeError, OSError, io.UnsupportedOperation):  # a stderr in memory (pytest)
+        print(line, file=sys.stderr, flush=True)
 
 
 def host() -> str:
@@ -140,8 +149,8 @@ class Heartbeat:
         """The launcher stopped this rank (another one failed): say who failed, then exit 143."""
         if _report_lock.acquire(blocking=False):
             who = culprit(None, self.rank, self.world, self.timeout_s)
-            print(f"{self.prog}: rank {self.rank} ({self.host}): culprit {who}; this rank was stopped by its "
-                  f"launcher (SIGTERM) during {_phase}", file=sys.stderr, flush=True)
+            say(f"{self.prog}: rank {self.rank} ({self.host}): culprit {who}; this rank was stopped by its "
+                f"launcher (SIGTERM) during {_phase}")
             faulthandler.cancel_dump_traceback_later()
             try:
                 self.beat("exited: stopped by the launcher")

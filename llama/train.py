@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()  # this rank's own failure: its traceback is what the user needs
         line = faults.failure_line("llama-train", err, dist.get_rank(), dist.get_world_size(), args.timeout,
                                    faults.group_names(topo) if "topo" in locals() else {})
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        faults.say(line)
         faults.stop("exited after a failure")
         # Exit now: interpreter teardown with a broken process group can abort (SIGABRT) or hang.
         sys.stdout.flush()

@@ -48,3 +48,38 @@ def test_groups_on_eight_ranks():
     for kind, size in (("tp", 2), ("dp", 2), ("pp", 2), ("mp", 4)):
         groups = {tuple(o[4][kind]) for o in out}
         assert sorted(r for g in groups for r in g) == list(range(8)) and all(len(g) == size for g in groups)
+
+
+def _wait_for_a_silent_peer(timeout_s: float) -> dict:
+    """Rank 1 stays away from a tp all-reduce and then from a pp receive; rank 0 measures how
+    long each waits before raising (the world group's timeout is 30 s in these pools)."""
+    import time
+
+    import torch
+
+    from parallel import comm
+    waited = {}
+    layouts = {"tp": build_topology(tp=2, timeout_s=timeout_s), "pp": build_topology(pp=2, timeout_s=timeout_s)}
+    for name, topo in layouts.items():
+        if topo.rank == 1:
+            time.sleep(3 * timeout_s)  # silent, as a SIGSTOPped peer
+            continue
+        start = time.perf_counter()
+        try:
+            if name == "tp":
+                comm.all_reduce(torch.ones(4), topo.tp_group)
+            else:
+                op = dist.P2POp(dist.irecv, torch.empty(4), 1, topo.pp_group, 7)
+                for work in dist.batch_isend_irecv([op]):
+                    work.wait()
+        except RuntimeError:
+            waited[name] = time.perf_counter() - start
+    return waited
+
+
+@pytest.mark.timeout(120)
+def test_every_group_has_the_timeout_so_a_silent_peer_cannot_hang_a_rank():
+    """`new_group` does not inherit the world's timeout: without one passed, a tp collective or
+    a pp receive waits for a stopped peer for as long as it stays stopped."""
+    waited = run_on_ranks(_wait_for_a_silent_peer, 2, 2.0, timeout=60)[0]
+    assert set(waited) == {"tp", "pp"} and all(1.5 < s < 6 for s in waited.values()), waited
