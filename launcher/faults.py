@@ -50,6 +50,8 @@ _FIRST, _ASK = _PREFIX + "first", _PREFIX + "ask"
 _phase = "starting"
 _heartbeat: Heartbeat | None = None
 _report_lock = threading.Lock()  # one line per rank: the main thread's or the SIGTERM one's
+# Launchers differ in the grace they give after SIGTERM: torchrun and srun 30 s, mpirun (PRRTE)
+# about 0.4 s. Hence the first verdict is recorded in the store, and later reporters read it.
 _PARALLEL_DIR = str(Path(__file__).resolve().parent.parent / "parallel")
 # Substrings of the errors gloo, NCCL and the store raise when a peer, not this rank, went away.
 _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Timed out waiting",
@@ -147,8 +149,8 @@ class Heartbeat:
 
     def _terminated(self) -> None:
         """The launcher stopped this rank (another one failed): say who failed, then exit 143."""
-        if _report_lock.acquire(blocking=False):
-            who = culprit(None, self.rank, self.world, self.timeout_s)
+        who = culprit(None, self.rank, self.world, self.timeout_s)  # at once when already known
+        if _report_lock.acquire(blocking=False):  # else the main thread has just printed its line
             say(f"{self.prog}: rank {self.rank} ({self.host}): culprit {who}; this rank was stopped by its "
                 f"launcher (SIGTERM) during {_phase}")
             faulthandler.cancel_dump_traceback_later()
@@ -282,7 +284,12 @@ def culprit(err: BaseException | None, rank: int, world: int, timeout_s: float) 
         if where == host():
             _kill_if_stopped(pid)
     named = "; ".join(f"rank {r} ({h}) did not answer, last seen during {what}" for r, h, _, what in silent[:4])
-    return named + (f" and {len(silent) - 4} more" if len(silent) > 4 else "")
+    named += f" and {len(silent) - 4} more" if len(silent) > 4 else ""
+    try:  # the verdict, for the ranks that report after us: they need not ask again
+        store.compare_set(_FIRST, "", named)
+    except Exception:
+        pass
+    return named
 
 
 def _kill_if_stopped(pid: int) -> None:
@@ -299,15 +306,21 @@ def _kill_if_stopped(pid: int) -> None:
 def failure_line(prog: str, err: BaseException, rank: int, world: int, timeout_s: float,
                  group_names: dict | None = None) -> str:
     """The one line a failing rank prints: who it is, the culprit, then what this rank saw."""
-    with _report_lock:
-        who = culprit(err, rank, world, timeout_s)
-        me = f"{prog}: rank {rank} ({host()})"
-        if not is_peer_failure(err):
-            if who.startswith(f"rank {rank} ("):
-                return f"{me}: {who.split(') ', 1)[1]}"
-            return f"{me}: culprit {who}; this rank then failed during {_phase}: {_first_line(err)}"
-        where = waiting_in(err, group_names or {})
-        return f"{me}: culprit {who}; this rank stopped while waiting in {where} during {_phase}: {_first_line(err)}"
+    who = culprit(err, rank, world, timeout_s)
+    me = f"{prog}: rank {rank} ({host()})"
+    if not is_peer_failure(err):
+        if who.startswith(f"rank {rank} ("):
+            return f"{me}: {who.split(') ', 1)[1]}"
+        return f"{me}: culprit {who}; this rank then failed during {_phase}: {_first_line(err)}"
+    where = waiting_in(err, group_names or {})
+    return f"{me}: culprit {who}; this rank stopped while waiting in {where} during {_phase}: {_first_line(err)}"
+
+
+def report(line: str) -> None:
+    """Print this rank's one line, unless the SIGTERM path printed one already (then wait for it
+    to end the process)."""
+    _report_lock.acquire()
+    say(line)
 
 
 def group_names(topo) -> dict:

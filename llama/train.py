@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         line = faults.failure_line("llama-train", err, dist.get_rank(), dist.get_world_size(), args.timeout,
                                    faults.group_names(topo) if "topo" in locals() else {})
         sys.stderr.flush()
-        faults.say(line)
+        faults.report(line)
         faults.stop("exited after a failure")
         # Exit now: interpreter teardown with a broken process group can abort (SIGABRT) or hang.
         sys.stdout.flush()
