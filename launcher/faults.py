@@ -73,6 +73,19 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def phase() -> str:
+    return _phase
+
+
+def record_first(text: str) -> None:
+    """Record `text` as the job's first failure, unless one is recorded already (best effort)."""
+    store = _store()
+    try:
+        store.compare_set(_FIRST, "", text)
+    except Exception:
+        pass
+
+
 def host() -> str:
     return socket.gethostname()
 

@@ -45,9 +45,25 @@ def int_at_least(low: int):
     return parse
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher tells it (0 when it cannot tell)."""
+    try:
+        from launcher.env import detect
+        return detect().rank
+    except Exception:
+        return 0
+
+
 def fail(prog: str, err) -> int:
-    """Print the one line and return the exit code; a message that spans lines is joined."""
-    print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    """Print the one line and return the exit code; a message that spans lines is joined.
+
+    Before the process group exists, every rank of a job checks the same arguments and config
+    and fails alike: only rank 0 prints, the others exit with the same code quietly (no wall of
+    identical lines under torchrun). Afterwards an error may be one node's (a file missing
+    there), so every rank prints it."""
+    import torch.distributed as dist
+    if launch_rank() == 0 or dist.is_initialized():
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
     return BAD_INPUT
 
 

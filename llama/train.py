@@ -22,7 +22,7 @@ from tqdm import tqdm
 from launcher import faults
 from launcher.init import initialize
 from launcher.rendezvous import RendezvousError
-from llama.cli import Parser
+from llama.cli import Parser, fail
 from llama.config import ConfigError, RunConfig, load_config, parse_yaml
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
@@ -328,11 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics, ckpt=ckpt)
     except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, CheckpointError,
             TensorFileError, ValueError) as err:
-        # Every rank checks its input before the first collective and fails alike: rank 0 says so.
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"llama-train: error: {err}", file=sys.stderr)
+        code = fail("llama-train", err)
+        if dist.is_initialized():  # maybe this rank's alone: its peers will name it at their timeout
+            faults.record_first(f"rank {dist.get_rank()} ({faults.host()}) failed during {faults.phase()}: "
+                                f"{type(err).__name__}: {err}")
         faults.stop("exited after an input error")
-        return 2
+        return code
     except Exception as err:  # a failure during the run: name the rank that failed first
         if not dist.is_initialized():
             raise

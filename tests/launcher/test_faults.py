@@ -80,3 +80,18 @@ def test_a_fault_drill_must_name_a_kind_a_rank_and_a_step():
     assert parse("") is None
     with pytest.raises(ValueError, match="KIND@RANK:STEP"):
         parse("explode@1:2")
+
+
+@pytest.mark.timeout(120)
+def test_a_layout_error_is_one_line_from_rank_0_under_torchrun():
+    """Every rank finds the same bad layout before any collective: rank 0 says so once, the
+    others exit 2 quietly, and the launcher's summary follows (README, "When a rank fails")."""
+    import subprocess
+
+    from tests.launcher.fault_runs import TRAIN, command
+    from tests.launcher.real_launchers import ROOT
+    cmd, env = command("torchrun", 2, [*TRAIN, "--tp", "3"])
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("llama-train: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "tp*pp=3*1" in errors[0] and "exitcode  : 2" in proc.stderr, errors
