@@ -205,6 +205,15 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     return result
 
 
+def human_bytes(n: float) -> str:
+    """1536 → '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return ""
+
+
 def startup_summary(run: RunConfig, topo, chunks, accumulation: int) -> str:
     """What rank 0 prints before the first step: parameters, layout, batch and predicted memory.
     Every rank calls it (the per-rank maximum is a collective)."""
@@ -215,15 +224,15 @@ def startup_summary(run: RunConfig, topo, chunks, accumulation: int) -> str:
     if topo.world > 1:
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=topo.world_group)
     mem = predicted_memory(m, t, topo.tp, topo.pp, topo.dp, topo.pp_rank, local, layers, accumulation)
-    gib = {k: v / 2**30 for k, v in mem.items()}
+    size = {k: human_bytes(v) for k, v in mem.items()}
     sp = " sp" if t.sp and topo.tp > 1 else ""
     return (f"model: {m.num_params():,} parameters; {local:,} on rank 0, at most {int(most.item()):,} on a rank\n"
             f"layout: world {topo.world} = tp {topo.tp}{sp} x pp {topo.pp} (vpp {t.vpp}, {t.schedule}) x dp {topo.dp}; "
             f"{t.dtype}, recompute {t.recompute}{', distributed optimizer' if t.distributed_optimizer else ''}\n"
             f"batch: {t.global_batch} sequences x {t.seq_len} tokens = {t.global_batch * t.seq_len:,} tokens per step; "
             f"{accumulation} micro-batches of {t.micro_batch} per dp rank\n"
-            f"predicted memory on rank 0: {gib['total']:.2f} GiB (weights {gib['weights']:.2f}, gradients "
-            f"{gib['gradients']:.2f}, optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f})")
+            f"predicted memory on rank 0: {size['total']} (weights {size['weights']}, gradients "
+            f"{size['gradients']}, optimizer {size['optimizer']}, activations {size['activations']})")
 
 
 def _mean_loss(losses: list[float], topo, device) -> float:
