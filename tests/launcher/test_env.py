@@ -10,19 +10,48 @@ from launcher.init import initialize
 from launcher.rendezvous import RendezvousError, rendezvous, slurm_port
 from parallel.topology import TopologyError
 
-TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+# Every launcher's five numbers (rank, world size, local rank, local world size, node rank)
+# differ from each other, and each differs from the same number of every other launcher here:
+# reading the wrong variable, or another launcher's, gives a wrong answer, never the right one by
+# coincidence (SLURM_LOCALID equal to SLURM_NODEID once hid a local rank read from the node id).
+TORCHRUN = {"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "3",
             "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}
-OPENMPI = {"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_COMM_WORLD_NODE_RANK": "1"}
-MPICH = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
-# What an `sbatch` job step leaves in every process that `mpirun` (or torchrun) starts inside it.
+OPENMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "9", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "3", "OMPI_COMM_WORLD_NODE_RANK": "1"}
+MPICH = {"PMI_RANK": "15", "PMI_SIZE": "18", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "6"}
+PMIX = {"PMIX_RANK": "37", "PMIX_SIZE": "40", "PMIX_LOCAL_RANK": "5", "PMIX_LOCAL_SIZE": "8", "PMIX_NODE_RANK": "4"}
+SLURM = {"SLURM_PROCID": "51", "SLURM_NTASKS": "54", "SLURM_LOCALID": "6", "SLURM_NODEID": "5",
+         "SLURM_JOB_NODELIST": "gpu[01-06]", "SLURM_TASKS_PER_NODE": "9(x6)", "SLURM_JOB_ID": "4242"}
+LAUNCHERS = {"torchrun": TORCHRUN, "openmpi": OPENMPI, "mpich": MPICH, "pmix": PMIX, "slurm": SLURM}
+# (rank, world size, local rank, local world size, node rank) of each, worked out by hand
+EXPECTED = {"torchrun": (13, 16, 1, 4, 3), "openmpi": (5, 9, 2, 3, 1), "mpich": (15, 18, 3, 6, 2),
+            "pmix": (37, 40, 5, 8, 4), "slurm": (51, 54, 6, 9, 5)}
+# What an `sbatch` job step leaves in every process that `mpirun` (or torchrun) starts inside it:
+# the job step's one task, whose numbers are none of the launchers' above.
 SBATCH = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "1", "SLURM_JOB_ID": "777"}
 
 
+def _fields(env: LaunchEnv) -> tuple:
+    """(rank, world size, local rank, local world size, node rank)"""
+    return env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank
+
+
+def test_no_two_numbers_of_the_literal_environments_coincide():
+    """The premise of the tests below, checked so that an edit of the literals cannot lose it."""
+    for name, values in EXPECTED.items():
+        assert len(set(values)) == 5, f"{name}: {values}"
+    for i in range(5):
+        column = [values[i] for values in EXPECTED.values()]
+        assert len(set(column)) == len(column), f"field {i} repeats across launchers: {column}"
+    sbatch = (0, 1, 0, 1, 0)
+    assert all(values[i] != sbatch[i] for values in EXPECTED.values() for i in range(5))
+
+
 def test_torchrun():
-    assert detect(TORCHRUN) == LaunchEnv(rank=5, world_size=8, local_rank=1, local_world_size=4, node_rank=1,
-                                         master_addr="10.1.2.3", master_port=29500, launcher="torchrun")
+    assert _fields(detect(TORCHRUN)) == EXPECTED["torchrun"]
+    assert detect(TORCHRUN) == LaunchEnv(*EXPECTED["torchrun"], master_addr="10.1.2.3", master_port=29500,
+                                         launcher="torchrun")
 
 
 def test_torchrun_without_group_rank_derives_the_node_from_the_rank():
@@ -33,13 +62,18 @@ def test_torchrun_without_group_rank_derives_the_node_from_the_rank():
 
 
 def test_open_mpi():
-    assert detect(OPENMPI) == LaunchEnv(rank=6, world_size=8, local_rank=2, local_world_size=4, node_rank=1,
-                                        launcher="openmpi")
+    assert _fields(detect(OPENMPI)) == EXPECTED["openmpi"]
+    assert detect(OPENMPI) == LaunchEnv(*EXPECTED["openmpi"], launcher="openmpi")
 
 
 def test_mpich_and_intel_mpi():
-    assert detect(MPICH) == LaunchEnv(rank=3, world_size=4, local_rank=1, local_world_size=2, node_rank=1,
-                                      launcher="mpich")
+    assert _fields(detect(MPICH)) == EXPECTED["mpich"]
+    assert detect(MPICH) == LaunchEnv(*EXPECTED["mpich"], launcher="mpich")
+
+
+def test_pmix():
+    assert _fields(detect(PMIX)) == EXPECTED["pmix"]
+    assert detect(PMIX) == LaunchEnv(*EXPECTED["pmix"], launcher="pmix")
 
 
 def test_pmix_with_pmix_size():
@@ -58,23 +92,25 @@ def test_pmix_without_a_size_fails():
 
 
 def test_slurm():
-    env = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-                  "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "4242"})
-    assert env == LaunchEnv(rank=5, world_size=8, local_rank=1, local_world_size=4, node_rank=1, launcher="slurm",
-                            nodes=("gpu01", "gpu02"), job_id="4242")
+    assert _fields(detect(SLURM)) == EXPECTED["slurm"]
+    assert detect(SLURM) == LaunchEnv(*EXPECTED["slurm"], launcher="slurm",
+                                      nodes=tuple(f"gpu{i:02d}" for i in range(1, 7)), job_id="4242")
 
 
 def test_slurm_uneven_tasks_per_node():
-    env = detect({"SLURM_PROCID": "4", "SLURM_NTASKS": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-                  "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "3,2", "SLURM_JOB_ID": "9"})
-    assert (env.local_world_size, env.node_rank, env.nodes) == (2, 1, ("n1", "n2"))
+    # node 1 of three runs 3 tasks (nodes 0 and 2 run 2 and 1): the count of the right node
+    env = detect({"SLURM_PROCID": "4", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+                  "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "2,3,1", "SLURM_JOB_ID": "9"})
+    assert _fields(env) == (4, 6, 2, 3, 1)
+    assert env.nodes == ("n1", "n2", "n3")
 
 
 def test_slurm_step_variables_win_over_the_job_ones():
-    env = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "0",
+    env = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
                   "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_STEP_NODELIST": "n[3-4]",
-                  "SLURM_TASKS_PER_NODE": "4(x4)", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"})
-    assert (env.nodes, env.local_world_size) == (("n3", "n4"), 1)
+                  "SLURM_TASKS_PER_NODE": "4(x4)", "SLURM_STEP_TASKS_PER_NODE": "3(x2)"})
+    assert (env.nodes, env.local_world_size) == (("n3", "n4"), 3)
+    assert _fields(env) == (5, 6, 2, 3, 1)
 
 
 def test_no_variables_is_one_process():
@@ -83,21 +119,19 @@ def test_no_variables_is_one_process():
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
 
 
-def test_open_mpi_inside_sbatch_uses_the_mpi_rank():
-    env = detect({**SBATCH, **OPENMPI})
-    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank, env.launcher) == \
-        (6, 8, 2, 4, 1, "openmpi")
+@pytest.mark.parametrize("launcher", ["openmpi", "mpich", "pmix", "torchrun"])
+def test_a_launcher_inside_sbatch_uses_its_own_rank(launcher):
+    """mpirun or torchrun inside an sbatch job: the job step's SLURM variables are set too."""
+    env = detect({**SBATCH, **LAUNCHERS[launcher]})
+    assert (*_fields(env), env.launcher) == (*EXPECTED[launcher], launcher)
+    assert env == detect(LAUNCHERS[launcher])
 
 
-def test_mpich_inside_sbatch_uses_the_mpi_rank():
-    env = detect({**SBATCH, **MPICH})
-    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.launcher) == (3, 4, 1, 2, "mpich")
-
-
-def test_torchrun_inside_sbatch_uses_torchrun():
-    env = detect({**SBATCH, **TORCHRUN})
-    assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.launcher) == (5, 8, 1, 1, "torchrun")
-    assert (env.master_addr, env.master_port) == ("10.1.2.3", 29500)
+@pytest.mark.parametrize("launcher", ["openmpi", "mpich", "pmix", "torchrun"])
+def test_a_launcher_beside_a_full_slurm_environment_reads_its_own(launcher):
+    """Beside SLURM variables of other (non-trivial) values, each launcher still reads its own."""
+    assert detect({**SLURM, **LAUNCHERS[launcher]}) == detect(LAUNCHERS[launcher])
+    assert _fields(detect({**SLURM, **LAUNCHERS[launcher]})) == EXPECTED[launcher]
 
 
 @pytest.mark.parametrize("environ, name", [

@@ -1,21 +1,33 @@
 """The project's core claim: every layout trains the same model.
 
 20 steps of a tiny LLaMA in fp32 with a fixed seed and data at every (tp, pp, dp) up to 8
-processes, with and without sp and the distributed optimizer: the loss at every step within 1e-4
-relative of (1, 1, 1), and the final weights within 1e-4.
+processes, with and without sp and the distributed optimizer, against (1, 1, 1): at every step
+the loss within 1e-4 relative and the global gradient norm within 1e-5 (layouts differ by at
+most 2e-6 here; a tp-replicated norm gain counted twice moves it by about 1e-4), the reduced gradients
+(gathered to the logical tensors) of the first and the last step within 1e-4, and the final
+weights within 1e-4.
+
+The gradient clip (CLIP) sits inside the range of the run's gradient norms, so that clipping
+acts at some steps and not at others: a gradient off by a uniform factor (summed over dp instead
+of averaged, a norm counting a tensor twice) then changes the weights. AdamW alone ignores a
+constant factor, and so does clipping that acts at every step (the gradient becomes g/|g|).
 """
+import contextlib
 import functools
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from llama.config import load_config
 from llama.demo_corpus import prose_text
 from llama.train import ByteDemoData, train
+from parallel.data_parallel import GradBuckets
 from parallel.params import full_tensor
 from parallel.topology import build_topology
 from tests.distributed import run_on_ranks, topology
 
-STEPS, RTOL = 20, 1e-4
+STEPS, RTOL, NORM_RTOL, CLIP = 20, 1e-4, 1e-5, 1.3
 
 
 @functools.cache
@@ -31,37 +43,106 @@ def _run_config(tp=1, pp=1, sp=False, distributed_optimizer=False, micro_batch=2
     return load_config("tiny", {"model": model, "train": train, "data": {"tokenizer": "", "sources": []}})
 
 
-def _train(topo, ckpt=None, **kw):
+@contextlib.contextmanager
+def reduced_gradients():
+    """Record what every optimiser step receives: per step, (buckets, copies of the reduced
+    bucket gradients), taken before clipping scales them in place."""
+    steps, finish = [], GradBuckets.finish
+
+    def recording_finish(self):
+        grads = finish(self)
+        steps.append((self, [g.detach().clone() for g in grads]))
+        return grads
+
+    GradBuckets.finish = recording_finish
+    try:
+        yield steps
+    finally:
+        GradBuckets.finish = finish
+
+
+def logical_gradients(chunks, topo, buckets, grads) -> dict:
+    """Per parameter name, the logical (full, unpadded) gradient from this rank's reduced bucket
+    gradients: the whole bucket, or under the distributed optimizer the dp shard, gathered here
+    with plain torch.distributed."""
+    full = []
+    for b, g in zip(buckets.buckets, grads):
+        if g.numel() != b.numel:  # this rank's 1/dp of the bucket
+            parts = [torch.empty_like(g) for _ in range(topo.dp)]
+            dist.all_gather(parts, g.contiguous(), group=topo.dp_group)
+            g = torch.cat(parts)
+        full.append(g)
+    where = {id(p): (i, off) for i, b in enumerate(buckets.buckets) for p, off in zip(b.params, b.offsets)}
+    out = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            i, off = where[id(p)]
+            out[name] = full_tensor(full[i][off:off + p.numel()].view_as(p), p, topo.tp_group).clone()
+    return out
+
+
+def _run(topo, ckpt=None, record_gradients=False, **kw) -> dict:
     run = _run_config(tp=topo.tp, pp=topo.pp, **kw)
-    result = train(run, topo, show_progress=False, data=ByteDemoData(16, run.train.seed, _text()), ckpt=ckpt)
+    with reduced_gradients() if record_gradients else contextlib.nullcontext() as steps:
+        result = train(run, topo, show_progress=False, data=ByteDemoData(16, run.train.seed, _text()), ckpt=ckpt)
+    grads = [logical_gradients(result.chunks, topo, *steps[i]) for i in (0, -1)] if record_gradients else []
     weights = {}
     if topo.dp_rank == 0:
         for chunk in result.chunks:
             for name, p in chunk.named_parameters():
                 weights[name] = full_tensor(p.detach(), p, topo.tp_group).clone()
-    return result.losses, weights, result.skipped, result.optimizer.state_bytes()
+    return dict(losses=result.losses, grad_norms=result.grad_norms, weights=weights, skipped=result.skipped,
+                grads=grads if topo.dp_rank == 0 else [{} for _ in grads], state_bytes=result.optimizer.state_bytes())
+
+
+def _train(topo, ckpt=None, **kw):
+    """(losses, logical weights on dp rank 0, skipped steps, optimiser state bytes) of a run."""
+    out = _run(topo, ckpt, **kw)
+    return out["losses"], out["weights"], out["skipped"], out["state_bytes"]
+
+
+def _layout_run(topo, **kw) -> dict:
+    """A run of the layout tests: the clip inside the range of the gradient norms, the gradients
+    of the first and the last step recorded."""
+    return _run(topo, record_gradients=True, **{"grad_clip": CLIP} | kw)
 
 
 def _train_on_ranks(tp, pp, **kw):
-    return _train(topology(tp=tp, pp=pp), **kw)
+    return _layout_run(topology(tp=tp, pp=pp), **kw)
 
 
 @functools.cache
 def _reference():
-    return _train(build_topology())
+    return _layout_run(build_topology())
+
+
+def rel_err(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
 
 
 def _assert_same_run(outs, what):
-    ref_losses, ref_weights, _, _ = _reference()
-    weights = {}
-    for losses, w, skipped, _ in outs:
-        assert not skipped
-        for step, (got, want) in enumerate(zip(losses, ref_losses)):
-            assert abs(got - want) <= RTOL * abs(want), f"{what}: step {step} loss {got} vs {want}"
-        weights.update(w)
-    assert weights.keys() == ref_weights.keys()
+    ref = _reference()
+    assert min(ref["grad_norms"]) < CLIP < max(ref["grad_norms"]), \
+        f"the clip {CLIP} must act at some steps and not at others: gradient norms {ref['grad_norms']}"
+    weights, grads = {}, [{}, {}]
+    for out in outs:
+        assert not out["skipped"]
+        assert len(out["losses"]) == len(out["grad_norms"]) == STEPS
+        for step in range(STEPS):
+            for key, label, tol in (("grad_norms", "gradient norm", NORM_RTOL), ("losses", "loss", RTOL)):
+                got, want = out[key][step], ref[key][step]
+                assert abs(got - want) <= tol * abs(want), f"{what}: step {step} {label} {got} vs {want}"
+        weights.update(out["weights"])
+        for mine, g in zip(grads, out["grads"]):
+            mine.update(g)
+    for step, got, want in ((0, grads[0], ref["grads"][0]), (STEPS - 1, grads[1], ref["grads"][1])):
+        assert got.keys() == want.keys()
+        for name, g in got.items():
+            err = rel_err(g, want[name])
+            assert err <= RTOL, f"{what}: step {step} gradient of {name} differs by {err:.3g}"
+    assert weights.keys() == ref["weights"].keys()
     for name, w in weights.items():
-        err = ((w - ref_weights[name]).abs().max() / ref_weights[name].abs().max()).item()
+        err = rel_err(w, ref["weights"][name])
         assert err <= RTOL, f"{what}: final {name} differs by {err:.3g}"
 
 

@@ -14,7 +14,7 @@ from parallel.layers import ColumnParallelLinear, TensorParallel
 from parallel.params import init_parameters
 from parallel.topology import build_topology
 from tests.distributed import run_on_ranks, topology
-from tests.llama.test_train_layouts import _run_config, _text
+from tests.llama.test_train_layouts import _run, _run_config, _text, rel_err
 
 
 def _single(**kw):
@@ -23,12 +23,21 @@ def _single(**kw):
 
 
 def test_eight_micro_batches_of_one_equal_one_of_eight():
-    a = _single(micro_batch=1, global_batch=8, steps=5)
-    b = _single(micro_batch=8, global_batch=8, steps=5)
-    for x, y in zip(a.losses, b.losses):
-        assert abs(x - y) <= 1e-5 * abs(y)
-    for pa, pb in zip(a.chunks[0].parameters(), b.chunks[0].parameters()):
-        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6)
+    """Accumulation averages over micro-batches: the loss, the gradient norm and the gradients of
+    the first and last steps, and the weights equal one micro-batch of 8. The clip acts at some
+    steps and not at others, so gradients summed instead of averaged would change the weights."""
+    kw = dict(global_batch=8, steps=5, grad_clip=1.1, record_gradients=True)
+    a = _run(build_topology(), micro_batch=1, **kw)
+    b = _run(build_topology(), micro_batch=8, **kw)
+    assert min(b["grad_norms"]) < kw["grad_clip"] < max(b["grad_norms"]), b["grad_norms"]
+    for key in ("grad_norms", "losses"):
+        for step, (x, y) in enumerate(zip(a[key], b[key])):
+            assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: {key} {x} vs {y}"
+    for step, ga, gb in zip((0, 4), a["grads"], b["grads"]):
+        for name, g in ga.items():
+            assert rel_err(g, gb[name]) <= 1e-5, f"step {step}: gradient of {name} {rel_err(g, gb[name]):.3g}"
+    for name, w in a["weights"].items():
+        assert torch.allclose(w, b["weights"][name], rtol=1e-5, atol=1e-6), name
 
 
 def _bucket_gradients_against_autograd(tp_size, dtype, sp):

@@ -2,7 +2,10 @@
 
 pp ∈ {2, 4} with GPipe, 1F1B and interleaved 1F1B (vpp=2), and pp=2 × tp=2 with sp: the loss
 of every micro-batch and every parameter gradient equal the pp=1 run within 1e-5 relative in
-fp32, and after several SGD steps the weights still match.
+fp32, and after several SGD steps the weights still match. Every rank's order of forwards and
+backwards follows the published warm-up formulas (Megatron-LM), and the activations a rank keeps
+at once (peak_in_flight) are the warm-up's plus one. Two stages that disagree on any field of
+the handshake header both raise an error that names both values.
 """
 import pytest
 import torch
@@ -11,7 +14,7 @@ from llama.config import LlamaConfig
 from llama.model import Transformer
 from llama.parallelize import activation_shape, build_chunks
 from parallel.params import full_tensor, init_parameters
-from parallel.pipeline.p2p import PipelineP2P
+from parallel.pipeline.p2p import PipelineMismatchError, PipelineP2P
 from parallel.pipeline.partition import PartitionError, chunk_sizes, chunks_of_rank
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError, run_schedule, schedule_order
 from tests.distributed import run_on_ranks, run_processes, topology
@@ -28,6 +31,41 @@ def _batches(step, m):
     gen = torch.Generator().manual_seed(100 + step)
     tokens = torch.randint(0, CFG.vocab_size, (m, MB, SEQ + 1), generator=gen)
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def warmup(schedule, m, pp, rank, vpp=1):
+    """Forward passes rank `rank` runs before its first backward, by the published schedules
+    (Megatron-LM's get_forward_backward_func): 1F1B pp − rank − 1, capped at m; interleaved
+    (pp − rank − 1)·2 + (vpp − 1)·pp, capped at m·vpp, and all m·vpp when m == pp."""
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(pp - rank - 1, m)
+    if m == pp:
+        return m * vpp
+    return min((pp - rank - 1) * 2 + (vpp - 1) * pp, m * vpp)
+
+
+def expected_order(schedule, m, pp, rank, vpp=1):
+    """The published order, written out: `warmup` forwards, then one forward and one backward
+    until the forwards run out, then the remaining backwards. The k-th forward of a rank runs
+    model chunk (k mod pp·vpp) // pp on micro-batch (k // pp·vpp)·pp + k mod pp; the k-th
+    backward the same micro-batch on chunk vpp − 1 − that (Megatron-LM's get_model_chunk_id)."""
+    total, w = m * vpp, warmup(schedule, m, pp, rank, vpp)
+
+    def virtual(kind, k):
+        chunk = k % (pp * vpp) // pp
+        return kind, k // (pp * vpp) * pp + k % pp, vpp - 1 - chunk if kind == "B" else chunk
+
+    order = [virtual("F", k) for k in range(w)]
+    for k in range(total - w):
+        order += [virtual("F", w + k), virtual("B", k)]
+    return order + [virtual("B", k) for k in range(max(0, total - w), total)]
+
+
+def expected_peak(schedule, m, pp, rank, vpp=1):
+    """Micro-batches (× chunks) whose activations are kept at once: the warm-up and one more."""
+    return min(warmup(schedule, m, pp, rank, vpp) + 1, m * vpp)
 
 
 def _pipeline_matches_one_process(pp, tp, sp, schedule, vpp, m, steps=3):
@@ -71,17 +109,17 @@ def _pipeline_matches_one_process(pp, tp, sp, schedule, vpp, m, steps=3):
 def test_pipeline_matches_one_process(pp, schedule):
     vpp, m = (2, 4) if schedule == "interleaved" else (1, 6)
     peaks = dict(run_on_ranks(_pipeline_matches_one_process, pp, pp, 1, False, schedule, vpp, m))
-    if schedule == "gpipe":
-        assert peaks[0] == m  # GPipe keeps every micro-batch
+    # GPipe keeps every micro-batch; 1F1B at most pp on stage 0, fewer further down
+    assert peaks == {r: expected_peak(schedule, m, pp, r, vpp) for r in range(pp)}
     if schedule == "1f1b":
-        assert peaks[0] == pp  # 1F1B keeps at most pp on stage 0, fewer further down
-        assert all(peaks[r] == pp - r for r in range(pp))
+        assert peaks[0] == pp and all(peaks[r] == pp - r for r in range(pp))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_pipeline_with_tensor_and_sequence_parallelism(schedule):
     vpp = 2 if schedule == "interleaved" else 1
-    run_on_ranks(_pipeline_matches_one_process, 4, 2, 2, True, schedule, vpp, 4)
+    peaks = dict(run_on_ranks(_pipeline_matches_one_process, 4, 2, 2, True, schedule, vpp, 4))
+    assert peaks == {r: expected_peak(schedule, 4, 2, r, vpp) for r in range(2)}
 
 
 def test_every_action_once_and_backward_after_forward():
@@ -92,6 +130,29 @@ def test_every_action_once_and_backward_after_forward():
                 expected = {(k, i, c) for k in "FB" for i in range(m) for c in range(vpp)}
                 assert sorted(order) == sorted(expected) and len(order) == len(expected)
                 assert all(order.index(("F", i, c)) < order.index(("B", i, c)) for _, i, c in order)
+
+
+ORDER_CASES = [("gpipe", pp, 1, m) for pp, m in ((2, 4), (4, 3))]
+ORDER_CASES += [("1f1b", pp, 1, m) for pp in (2, 3, 4, 8) for m in (1, 2, pp - 1, pp, pp + 1, 3 * pp)]
+ORDER_CASES += [("interleaved", pp, vpp, m) for pp in (2, 3, 4) for vpp in (2, 3, 5) for m in (pp, 2 * pp, 3 * pp)]
+
+
+def test_schedule_orders_follow_the_published_warm_up():
+    """Every rank's order, warm-up included, against the formula; and the activations each rank
+    keeps at once (StageStats.peak_in_flight, measured by the executor) against the warm-up."""
+    for schedule, pp, vpp, m in ORDER_CASES:
+        for rank in range(pp):
+            order = schedule_order(schedule, m, pp, rank, vpp)
+            want = [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)] if schedule == "gpipe" \
+                else expected_order(schedule, m, pp, rank, vpp)
+            case = f"{schedule} pp={pp} vpp={vpp} m={m} rank {rank}"
+            w = warmup(schedule, m, pp, rank, vpp)
+            forwards_first = next(i for i, (kind, _, _) in enumerate(order) if kind == "B")
+            assert forwards_first == expected_peak(schedule, m, pp, rank, vpp), \
+                f"{case}: {forwards_first} forwards before the first backward, but the warm-up is {w}"
+            assert order == want, case
+            peak = _tiny_run(schedule, pp, vpp, m, rank).peak_in_flight
+            assert peak == expected_peak(schedule, m, pp, rank, vpp), f"{case}: peak_in_flight {peak}"
 
 
 def test_partition_and_clear_errors():
@@ -132,6 +193,41 @@ def test_a_shape_mismatch_is_an_error_on_every_rank():
         assert out[rank].startswith("PipelineMismatchError: pipeline stages disagree: stage 0 has activations "
                                     "[2, 8, 32] torch.float32"), out
         assert "stage 1 has activations [2, 16, 32]" in out[rank]
+
+
+HEADER = dict(b=2, s=8, h=32, dtype=torch.float32, m=4, vpp=1, schedule=1)  # stage 0's header
+OTHER = dict(b=3, s=16, h=48, dtype=torch.bfloat16, m=6, vpp=2, schedule=2)   # one of these on stage 1
+
+
+def _names(field, header) -> str:
+    """How a mismatch error names `field`'s value in a stage's header."""
+    if field in "bsh":
+        return f"[{header['b']}, {header['s']}, {header['h']}]"
+    return {"dtype": str(header["dtype"]), "m": f"{header['m']} micro-batches", "vpp": f"vpp={header['vpp']}",
+            "schedule": f"schedule #{header['schedule']}"}[field]
+
+
+def _handshake_with_one_field_changed(field):
+    topo = topology(pp=2)
+    mine = HEADER | ({field: OTHER[field]} if topo.pp_rank == 1 else {})
+    try:
+        PipelineP2P(topo).handshake((mine["b"], mine["s"], mine["h"]), mine["dtype"], mine["m"], mine["vpp"],
+                                    mine["schedule"])
+    except PipelineMismatchError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("field", list(HEADER))
+def test_every_handshake_field_is_checked(field):
+    """Two stages that differ in one field of the header (activation b, s, h, dtype, micro-batches,
+    vpp, schedule) both raise, and the error gives each stage's value of that field."""
+    errors = run_on_ranks(_handshake_with_one_field_changed, 2, field)
+    assert errors != [None, None], f"stages whose {field} differ ({HEADER[field]} and {OTHER[field]}) did not raise"
+    assert errors[0] is not None and errors[0] == errors[1], f"{field}: not the same error on both stages: {errors}"
+    stage0, stage1 = errors[0].split("; ")
+    assert "stage 0 has" in stage0 and _names(field, HEADER) in stage0, errors[0]
+    assert "stage 1 has" in stage1 and _names(field, HEADER | {field: OTHER[field]}) in stage1, errors[0]
 
 
 def test_a_stage_that_dies_is_an_error_on_every_rank():
@@ -207,13 +303,18 @@ def _nccl_deadlocks(groups_by_rank) -> bool:
     return any(head(r) is not None for r in groups_by_rank)
 
 
+def _tiny_run(schedule, pp, vpp, m, rank, p2p=None):
+    """Rank `rank`'s part of a schedule on one process, its transfers recorded, not made."""
+    chunks = [_TinyChunk(c * pp + rank == 0, c * pp + rank == pp * vpp - 1) for c in range(vpp)]
+    micro = [(torch.ones(1, 3), None) for _ in range(m)]
+    return run_schedule(schedule, chunks, micro, p2p or _RecordingP2P(pp, rank), pp, rank, (1, 3), torch.float32)
+
+
 def _groups(schedule, pp, vpp, m):
     groups = {}
     for rank in range(pp):
-        chunks = [_TinyChunk(c * pp + rank == 0, c * pp + rank == pp * vpp - 1) for c in range(vpp)]
         p2p = _RecordingP2P(pp, rank)
-        micro = [(torch.ones(1, 3), None) for _ in range(m)]
-        run_schedule(schedule, chunks, micro, p2p, pp, rank, (1, 3), torch.float32)
+        _tiny_run(schedule, pp, vpp, m, rank, p2p)
         groups[rank] = p2p.groups
     return groups
 
