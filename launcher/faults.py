@@ -50,6 +50,7 @@ _FIRST, _ASK = _PREFIX + "first", _PREFIX + "ask"
 _phase = "starting"
 _heartbeat: Heartbeat | None = None
 _report_lock = threading.Lock()  # one line per rank: the main thread's or the SIGTERM one's
+_terminating = threading.Event()  # the launcher sent SIGTERM: the job is ending anyway
 # Launchers differ in the grace they give after SIGTERM: torchrun and srun 30 s, mpirun (PRRTE)
 # about 0.4 s. Hence the first verdict is recorded in the store, and later reporters read it.
 _PARALLEL_DIR = str(Path(__file__).resolve().parent.parent / "parallel")
@@ -139,9 +140,11 @@ class Heartbeat:
         last, last_phase = time.monotonic(), _phase
         while not self.stop_event.is_set():
             if select.select([self.wake_r], [], [], self.tick)[0]:
-                if signal.SIGTERM in os.read(self.wake_r, 64):  # else stop() woke us
+                woke = os.read(self.wake_r, 64)  # signal numbers (set_wakeup_fd), or 0 from stop()
+                if signal.SIGTERM in woke:
                     self._terminated()
-                return
+                if signal.SIGTERM in woke or 0 in woke:
+                    return
             # The watchdog: a rank whose heartbeat cannot run for a timeout (the GIL held by wedged
             # native code) dumps its stacks and exits, from faulthandler's own C thread.
             faulthandler.dump_traceback_later(self.timeout_s + self.interval, exit=True)
@@ -162,6 +165,7 @@ class Heartbeat:
 
     def _terminated(self) -> None:
         """The launcher stopped this rank (another one failed): say who failed, then exit 143."""
+        _terminating.set()
         who = culprit(None, self.rank, self.world, self.timeout_s)  # at once when already known
         if _report_lock.acquire(blocking=False):  # else the main thread has just printed its line
             say(f"{self.prog}: rank {self.rank} ({self.host}): culprit {who}; this rank was stopped by its "
@@ -327,6 +331,31 @@ def failure_line(prog: str, err: BaseException, rank: int, world: int, timeout_s
         return f"{me}: culprit {who}; this rank then failed during {_phase}: {_first_line(err)}"
     where = waiting_in(err, group_names or {})
     return f"{me}: culprit {who}; this rank stopped while waiting in {where} during {_phase}: {_first_line(err)}"
+
+
+def hosts_the_store(rank: int) -> bool:
+    """Rank 0 serves the job's TCPStore, unless torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE)."""
+    return rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def linger_for_reporters(rank: int, world: int, timeout_s: float) -> None:
+    """On the rank that serves the store, after its own line: keep the store up until every other
+    rank has exited or gone silent (dead), so no survivor mistakes rank 0's exit for the fault.
+    At most --timeout + 5 s (a survivor still waiting in a collective reports by then), and not
+    once the launcher has sent SIGTERM."""
+    if not hosts_the_store(rank) or world == 1 or (store := _store()) is None:
+        return
+    deadline = time.monotonic() + timeout_s + 5
+    try:
+        while time.monotonic() < deadline and not _terminating.is_set():
+            question = int(store.add(_ASK, 1))
+            time.sleep(2.5 * tick_for(timeout_s))
+            values = store.multi_get([f"{_PREFIX}beat/{r}" for r in range(1, world)])
+            states = [json.loads(v) for v in values]
+            if all(what.startswith("exited") or answered < question for _, _, what, answered in states):
+                return
+    except Exception:
+        return
 
 
 def report(line: str) -> None:

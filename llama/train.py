@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         faults.report(line)
         faults.stop("exited after a failure")
+        faults.linger_for_reporters(dist.get_rank(), dist.get_world_size(), args.timeout)
         # Exit now: interpreter teardown with a broken process group can abort (SIGABRT) or hang.
         sys.stdout.flush()
         os._exit(1)

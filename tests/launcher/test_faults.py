@@ -95,3 +95,46 @@ def test_a_layout_error_is_one_line_from_rank_0_under_torchrun():
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("llama-train: error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert "tp*pp=3*1" in errors[0] and "exitcode  : 2" in proc.stderr, errors
+
+
+def _culprit_seen_by_each_rank(scenario: str):
+    """Three ranks with heartbeats; rank 2 goes silent (its heartbeat stops without an exit
+    beat, as a killed or stopped process), or rank 1 raises an error of its own."""
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    faults.start(rank, 3, timeout_s=4)
+    dist.barrier()
+    if scenario == "silent" and rank == 2:
+        faults._heartbeat.stop_event.set()
+        faults._heartbeat.thread.join()
+    if scenario == "own" and rank == 1:
+        faults.set_phase("step 7: optimizer")
+        seen = faults.culprit(ValueError("a bug of its own"), rank, 3, 4)
+    dist.barrier()
+    if scenario == "silent":
+        seen = faults.culprit(RuntimeError("Connection closed by peer"), rank, 3, 4) if rank < 2 else None
+    elif rank != 1:
+        seen = faults.culprit(RuntimeError("Timed out waiting 4000ms for recv"), rank, 3, 4)
+    dist.barrier()
+    faults.stop()
+    faults.set_phase("starting")
+    if rank == 0:
+        store = dist.distributed_c10d._get_default_store()
+        store.delete_key(faults._FIRST)
+    dist.barrier()
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_survivors_name_the_silent_rank_not_each_other():
+    from tests.distributed import run_on_ranks
+    seen = run_on_ranks(_culprit_seen_by_each_rank, 3, "silent")
+    assert all(s.startswith("rank 2 (") and "did not answer" in s for s in seen[:2]), seen
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_whose_own_code_raised_is_the_culprit_for_everyone():
+    from tests.distributed import run_on_ranks
+    seen = run_on_ranks(_culprit_seen_by_each_rank, 3, "own")
+    assert all(s.startswith("rank 1 (") and "failed during step 7: optimizer: ValueError: a bug of its own" in s
+               for s in seen), seen
