@@ -56,7 +56,7 @@ _terminating = threading.Event()  # the launcher sent SIGTERM: the job is ending
 _PARALLEL_DIR = str(Path(__file__).resolve().parent.parent / "parallel")
 # Substrings of the errors gloo, NCCL and the store raise when a peer, not this rank, went away.
 _PEER_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Timed out waiting",
-                "timed out", "Timeout", "NCCL", "Socket", "monitoredBarrier")
+                "timed out", "Timeout", "NCCL", "Socket", "monitoredBarrier", "pair closure")
 
 
 def set_phase(text: str) -> None:
@@ -342,7 +342,9 @@ def linger_for_reporters(rank: int, world: int, timeout_s: float) -> None:
     """On the rank that serves the store, after its own line: keep the store up until every other
     rank has exited or gone silent (dead), so no survivor mistakes rank 0's exit for the fault.
     At most --timeout + 5 s (a survivor still waiting in a collective reports by then), and not
-    once the launcher has sent SIGTERM."""
+    once the launcher has sent SIGTERM. Only there: every other rank exits at once, since its
+    exit is what makes the peers still waiting on it fail at once (gloo's process groups cannot
+    be aborted, and closing their sockets by hand makes gloo abort the process)."""
     if not hosts_the_store(rank) or world == 1 or (store := _store()) is None:
         return
     deadline = time.monotonic() + timeout_s + 5

@@ -103,7 +103,8 @@ def verdict(cell: Cell) -> list[str]:
     if cell.exit_after_s is None or cell.exit_after_s > TIMEOUT_S + 30:
         wrong.append(f"exit {cell.exit_after_s} s after the fault: more than --timeout {TIMEOUT_S} + 30 s")
     if cell.fault == "handshake":
-        named = all("disagree" in ln for ln in cell.lines) and len(cell.lines) >= cell.world
+        everyone = 1 if cell.launcher == "mpirun" else cell.world  # mpirun: see below
+        named = all("disagree" in ln for ln in cell.lines) and len(cell.lines) >= everyone
         if not named:
             wrong.append("not every rank named the pipeline handshake mismatch")
     else:
@@ -111,10 +112,12 @@ def verdict(cell: Cell) -> list[str]:
             lines = cell.lines_of(r)
             if r == cell.culprit:  # killed or stopped: silent; an exception: it says it failed
                 ok = not lines if cell.fault in ("kill", "stop") else len(lines) == 1 and "failed during" in lines[0]
-            elif not lines and cell.launcher == "mpirun" and cell.fault == "kill":
-                # mpirun SIGKILLs the others ~0.4 s after its SIGTERM, before a survivor can ask
-                # who is alive; its own report names the dead rank (README, "When a rank fails")
-                ok = re.search(rf"process rank {cell.culprit} with PID", cell.output) is not None
+            elif not lines and cell.launcher == "mpirun" and cell.fault != "stop":
+                # mpirun ends the job when a rank dies or exits non-zero: SIGKILL at once, or 0.4 s
+                # after a SIGTERM, before a survivor learns of the fault; its own report names the
+                # rank (README, "When a rank fails")
+                ok = re.search(rf"process rank {cell.culprit} with PID|Process name: \[[^\]]*,{cell.culprit}\]",
+                               cell.output) is not None
             else:
                 ok = len(lines) == 1 and f"culprit rank {cell.culprit} (" in lines[0]
             if not ok:

@@ -65,6 +65,7 @@ def test_peer_failures_are_told_from_a_rank_s_own():
     assert faults.is_peer_failure(RuntimeError("[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
     assert faults.is_peer_failure(RuntimeError("Timed out waiting 8000ms for recv operation to complete"))
     assert faults.is_peer_failure(RuntimeError("Rank 1 failed to pass monitoredBarrier in 8000 ms"))
+    assert faults.is_peer_failure(RuntimeError("Application timeout caused pair closure"))
     assert not faults.is_peer_failure(ValueError("shapes do not match"))
     assert not faults.is_peer_failure(RuntimeError("pipeline stages disagree: stage 0 has ..."))
 
