@@ -49,8 +49,8 @@ _PREFIX = "llama/fault/"
 _FIRST, _ASK = _PREFIX + "first", _PREFIX + "ask"
 _phase = "starting"
 _heartbeat: Heartbeat | None = None
+_main_store = None
 _report_lock = threading.Lock()  # one line per rank: the main thread's or the SIGTERM one's
-_terminating = threading.Event()  # the launcher sent SIGTERM: the job is ending anyway
 # Launchers differ in the grace they give after SIGTERM: torchrun and srun 30 s, mpirun (PRRTE)
 # about 0.4 s. Hence the first verdict is recorded in the store, and later reporters read it.
 _PARALLEL_DIR = str(Path(__file__).resolve().parent.parent / "parallel")
@@ -101,18 +101,27 @@ def tick_for(timeout_s: float) -> float:
     return interval_for(timeout_s) / 4
 
 
-def _store(timeout_s: float = 3.0):
-    """A connection of our own to the job's store, with a short timeout (never hang here)."""
+def _connect(timeout_s: float = 3.0):
+    """A connection of our own to the job's store, with a short timeout (never hang here). Made
+    while the store is up: connecting later to a dead store retries for the job's timeout."""
     try:
         store = dist.distributed_c10d._get_default_store()
     except Exception:
         return None
     try:
         store = store.clone()
-    except Exception:  # stores without clone (FileStore) are safe to share
-        pass
+    except Exception:  # stores without clone (FileStore: a local file) are shared as they are
+        return store
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     return store
+
+
+def _store():
+    """The main thread's connection, made by start() (the heartbeat thread has its own)."""
+    global _main_store
+    if _main_store is None:
+        _main_store = _connect()
+    return _main_store
 
 
 class Heartbeat:
@@ -124,7 +133,7 @@ class Heartbeat:
         self.prog, self.timeout_s = prog, timeout_s
         self.tick = tick_for(timeout_s)
         self.host = host()
-        self.store = _store()
+        self.store = _connect()
         self.stop_event = threading.Event()
         self.answered = 0
         self.dumped = False
@@ -165,8 +174,7 @@ class Heartbeat:
 
     def _terminated(self) -> None:
         """The launcher stopped this rank (another one failed): say who failed, then exit 143."""
-        _terminating.set()
-        who = culprit(None, self.rank, self.world, self.timeout_s)  # at once when already known
+        who = culprit(None, self.rank, self.world, self.timeout_s, self.store)  # at once when already known
         if _report_lock.acquire(blocking=False):  # else the main thread has just printed its line
             say(f"{self.prog}: rank {self.rank} ({self.host}): culprit {who}; this rank was stopped by its "
                 f"launcher (SIGTERM) during {_phase}")
@@ -204,7 +212,7 @@ def start(rank: int, world: int, timeout_s: float, prog: str = "llama-train") ->
             faulthandler.register(signal.SIGUSR1, all_threads=True)
     except (ValueError, AttributeError, OSError, io.UnsupportedOperation):
         pass
-    if world > 1 and _heartbeat is None and _store() is not None:
+    if world > 1 and _heartbeat is None and _store() is not None:  # both connections made now
         _heartbeat = Heartbeat(rank, world, interval_for(timeout_s), prog, timeout_s).start()
 
 
@@ -269,10 +277,10 @@ def _recorded_first(store) -> str | None:
     return store.get(_FIRST).decode() or None if store.check([_FIRST]) else None
 
 
-def culprit(err: BaseException | None, rank: int, world: int, timeout_s: float) -> str:
+def culprit(err: BaseException | None, rank: int, world: int, timeout_s: float, store=None) -> str:
     """Who failed, in words, as seen from this rank after `err` (None: the launcher stopped us)."""
     own = not is_peer_failure(err)
-    store = _store()
+    store = store or _store()
     if store is None:
         return f"rank {rank} ({host()}) during {_phase}" if own else "unknown (no store)"
     try:
@@ -341,15 +349,21 @@ def hosts_the_store(rank: int) -> bool:
 def linger_for_reporters(rank: int, world: int, timeout_s: float) -> None:
     """On the rank that serves the store, after its own line: keep the store up until every other
     rank has exited or gone silent (dead), so no survivor mistakes rank 0's exit for the fault.
-    At most --timeout + 5 s (a survivor still waiting in a collective reports by then), and not
-    once the launcher has sent SIGTERM. Only there: every other rank exits at once, since its
-    exit is what makes the peers still waiting on it fail at once (gloo's process groups cannot
-    be aborted, and closing their sockets by hand makes gloo abort the process)."""
+    At most --timeout + 5 s (a survivor still waiting in a collective reports by then), and 1 s
+    after the launcher's SIGTERM (the other ranks, stopped too, read the recorded culprit in that
+    second). Only there: every other rank exits at once, since its exit is what makes the peers
+    still waiting on it fail at once (gloo's process groups cannot be aborted, and closing their
+    sockets by hand makes gloo abort the process)."""
     if not hosts_the_store(rank) or world == 1 or (store := _store()) is None:
         return
     deadline = time.monotonic() + timeout_s + 5
+
+    def terminated(*_):
+        nonlocal deadline
+        deadline = min(deadline, time.monotonic() + 1.0)
+    signal.signal(signal.SIGTERM, terminated)
     try:
-        while time.monotonic() < deadline and not _terminating.is_set():
+        while time.monotonic() < deadline:
             question = int(store.add(_ASK, 1))
             time.sleep(2.5 * tick_for(timeout_s))
             values = store.multi_get([f"{_PREFIX}beat/{r}" for r in range(1, world)])
