@@ -47,8 +47,6 @@ from parallel.memory import SavedActivationMemory
 from parallel.params import init_parameters
 from tests.distributed import run_on_ranks, topology
 
-formula = activation_bytes_per_layer
-
 
 def _layer_bytes(cfg_kwargs, mode, batch, seq, dtype, tp_size=1, sp=False, keep=False):
     tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp, keep_gathered=keep) if tp_size > 1 else TensorParallel()
@@ -86,7 +84,7 @@ def main() -> None:
                 got = _layer_bytes(kw, mode, b, s, dtype)
             else:
                 got = run_on_ranks(_layer_bytes, 2, kw, mode, b, s, dtype, tp_size, sp, keep)[0]
-            want = formula(mode, s, b, h, f, a, tp_size, sp, keep)
+            want = activation_bytes_per_layer(mode, s, b, h, f, a, tp_size, sp, keep)
             layout = f"tp={tp_size}" + ("+sp" if sp else "") + (" keep" if keep else "")
             print(f"{layout:>12} {mode:>10} {got:>10,} {want:>10,.0f} {got / want:>6.2f} "
                   f"{got / (s * b * h):>6.1f}")

@@ -16,9 +16,9 @@ Three things end a job and explain it:
 The culprit is the recorded first failure if there is one, else the ranks that did not answer;
 a store that cannot be reached means its host, rank 0, is gone. Each rank prints one line and
 exits non-zero; a rank its launcher stops with SIGTERM (torchrun, srun and mpirun do, once one
-rank has failed) prints its line too, from the heartbeat thread, before it exits. A silent rank
-that is still alive dumps its Python stacks with `faulthandler` when asked; any rank dumps them
-on `kill -USR1 PID`.
+rank has failed) prints its line too, from the heartbeat thread, before it exits. Any rank dumps
+its Python stacks (`faulthandler`) on `kill -USR1 PID`, and a rank whose heartbeat thread cannot
+run for --timeout (the GIL held by wedged native code) dumps them and exits.
 
 Store traffic: one small request per rank and tick (a quarter of the interval: 2.5 s at the
 default --timeout of 600 s), plus a write per phase change at most once a tick: under 1 request
@@ -74,15 +74,15 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def phase() -> str:
-    return _phase
+def own_failure(rank: int, err: BaseException) -> str:
+    """How a rank's own failure is recorded and named: 'rank R (host) failed during PHASE: ERROR'."""
+    return f"rank {rank} ({host()}) failed during {_phase}: {_first_line(err)}"
 
 
-def record_first(text: str) -> None:
-    """Record `text` as the job's first failure, unless one is recorded already (best effort)."""
-    store = _store()
+def record_own_failure(rank: int, err: BaseException) -> None:
+    """Record this rank's failure as the job's first, unless one is recorded already (best effort)."""
     try:
-        store.compare_set(_FIRST, "", text)
+        _store().compare_set(_FIRST, "", own_failure(rank, err))
     except Exception:
         pass
 
@@ -136,7 +136,6 @@ class Heartbeat:
         self.store = _connect()
         self.stop_event = threading.Event()
         self.answered = 0
-        self.dumped = False
         self.wake_r, self.wake_w = os.pipe()  # SIGTERM's C-level handler writes here
         os.set_blocking(self.wake_w, False)
         self.thread = threading.Thread(target=self._run, name="llama-heartbeat", daemon=True)
@@ -162,11 +161,6 @@ class Heartbeat:
                 if asked != self.answered or _phase != last_phase or time.monotonic() - last >= self.interval:
                     self.answered, last, last_phase = asked, time.monotonic(), _phase
                     self.beat()
-                if not self.dumped and self.store.check([f"{_PREFIX}dump/{self.rank}"]):
-                    self.dumped = True  # a survivor found us silent, yet this thread runs: show where we are
-                    print(f"rank {self.rank} ({self.host}): Python stacks, asked for by a survivor:",
-                          file=sys.stderr, flush=True)
-                    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             except Exception:  # the store (rank 0) is gone: the survivors' lines say so
                 if self.stop_event.is_set():
                     return
@@ -255,22 +249,24 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}".rstrip(": ")
 
 
-def _silent_ranks(store, world: int, question: int) -> list[tuple[int, str, int, str]]:
-    """(rank, host, pid, last phase) of every rank that has not answered `question` and has not exited."""
+def _roll_call(store, world: int, timeout_s: float, me: int) -> tuple[list, list]:
+    """Ask every rank to answer and wait 2.5 ticks (live heartbeats answer within one). Returns
+    (silent, busy): the ranks other than `me` that did not answer and have not exited, as (rank,
+    host, pid, last phase), and the ranks that answered but have not exited yet."""
+    question = int(store.add(_ASK, 1))
+    time.sleep(2.5 * tick_for(timeout_s))
     keys = [f"{_PREFIX}beat/{r}" for r in range(world)]
     try:
         values = store.multi_get(keys)
     except Exception:  # a key is missing: a rank that died before its first beat
         values = [store.get(k) if store.check([k]) else None for k in keys]
-    silent = []
+    silent, busy = [], []
     for r, raw in enumerate(values):
-        if raw is None:
-            silent.append((r, "?", 0, "before its first heartbeat"))
+        where, pid, what, answered = json.loads(raw) if raw else ("?", 0, "before its first heartbeat", -1)
+        if r == me or what.startswith("exited"):
             continue
-        where, pid, what, answered = json.loads(raw)
-        if not what.startswith("exited") and answered < question:
-            silent.append((r, where, pid, what))
-    return silent
+        (busy if answered >= question else silent).append((r, where, pid, what))
+    return silent, busy
 
 
 def _recorded_first(store) -> str | None:
@@ -282,18 +278,16 @@ def culprit(err: BaseException | None, rank: int, world: int, timeout_s: float, 
     own = not is_peer_failure(err)
     store = store or _store()
     if store is None:
-        return f"rank {rank} ({host()}) during {_phase}" if own else "unknown (no store)"
+        return own_failure(rank, err) if own else "unknown (no store)"
     try:
         # Alive and reporting: answers every question, so no survivor names this rank.
         store.set(f"{_PREFIX}beat/{rank}", json.dumps([host(), os.getpid(), f"reporting during {_phase}", 1 << 62]))
         if own:
-            store.compare_set(_FIRST, "", f"rank {rank} ({host()}) failed during {_phase}: {_first_line(err)}")
+            store.compare_set(_FIRST, "", own_failure(rank, err))
         first = _recorded_first(store)
         if first:
             return first
-        question = int(store.add(_ASK, 1))
-        time.sleep(2.5 * tick_for(timeout_s))  # every live heartbeat answers within a tick
-        silent = [s for s in _silent_ranks(store, world, question) if s[0] != rank]
+        silent, _ = _roll_call(store, world, timeout_s, rank)
         first = _recorded_first(store)  # a rank that raised while we asked
         if first:
             return first
@@ -301,11 +295,7 @@ def culprit(err: BaseException | None, rank: int, world: int, timeout_s: float, 
         return f"rank 0 (the store's host) is unreachable: dead or stuck (seen during {_phase})"
     if not silent:
         return "no rank went silent: a communication failure between live ranks"
-    for r, where, pid, _ in silent:
-        try:
-            store.set(f"{_PREFIX}dump/{r}", "1")  # alive but stuck? then it prints its stacks
-        except Exception:
-            pass
+    for _, where, pid, _ in silent:
         if where == host():
             _kill_if_stopped(pid)
     named = "; ".join(f"rank {r} ({h}) did not answer, last seen during {what}" for r, h, _, what in silent[:4])
@@ -363,13 +353,8 @@ def linger_for_reporters(rank: int, world: int, timeout_s: float) -> None:
         deadline = min(deadline, time.monotonic() + 1.0)
     signal.signal(signal.SIGTERM, terminated)
     try:
-        while time.monotonic() < deadline:
-            question = int(store.add(_ASK, 1))
-            time.sleep(2.5 * tick_for(timeout_s))
-            values = store.multi_get([f"{_PREFIX}beat/{r}" for r in range(1, world)])
-            states = [json.loads(v) for v in values]
-            if all(what.startswith("exited") or answered < question for _, _, what, answered in states):
-                return
+        while time.monotonic() < deadline and _roll_call(store, world, timeout_s, rank)[1]:
+            pass  # some rank still alive has not printed its line yet
     except Exception:
         return
 

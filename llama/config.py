@@ -133,7 +133,6 @@ class TrainConfig:
     bucket_mb: float = 25.0
     vocab_pad_multiple: int = 1
     peak_tflops: float = 0.0         # per device, for MFU; 0: known GPUs only
-    inject_nonfinite_step: int = -1  # a fault drill: this step's loss becomes NaN (tests)
     inject_fault: str = ""           # a fault drill, KIND@RANK:STEP (llama/fault_drill.py)
 
     def __post_init__(self) -> None:

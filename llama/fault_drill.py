@@ -40,7 +40,7 @@ def parse(spec: str) -> tuple[str, int, int] | None:
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
-def poison_next_output(chunk) -> None:
+def _poison_next_output(chunk) -> None:
     """The next output of `chunk` becomes NaN (so do the loss and every gradient after it)."""
     def hook(module, args, out):
         handle.remove()
@@ -76,7 +76,7 @@ class FaultDrill:
         if self.kind in ("nan", "handshake"):
             announce(self.kind, step)
         if self.kind == "nan":
-            poison_next_output(chunks[0])
+            _poison_next_output(chunks[0])
         elif self.kind in ("kill", "stop", "forward"):
             _fail_in_next_forward(chunks[0], self.kind, step)
         elif self.kind == "handshake":

@@ -1,7 +1,5 @@
-"""Predicted memory per rank: what the start-up summary prints before the first step.
-
-Parameters are counted on the rank's real model chunks (never a formula), states follow from
-the precision and the optimizer, and activations use the per-layer accounting that
+"""Predicted activation memory per rank, for the start-up summary (the weights, gradient buckets
+and optimizer state it prints are the real tensors' sizes): the per-layer accounting that
 `benchmarks/activation_memory.py` checks against measurement (ratio 1.00 in every mode) times
 the micro-batches the schedule keeps in flight on this pipeline rank.
 """
@@ -32,22 +30,11 @@ def micro_batches_in_flight(schedule: str, m: int, pp: int, pp_rank: int, vpp: i
     return peak
 
 
-def state_bytes(local_params: int, dtype_bytes: int, dp: int, distributed_optimizer: bool) -> dict[str, float]:
-    """Weights, fp32 gradient buckets, and fp32 master weights (bf16 only) with Adam's two moments."""
-    master = 4 if dtype_bytes != 4 else 0
-    optimizer = local_params * (master + 8) / (dp if distributed_optimizer else 1)
-    return {"weights": local_params * dtype_bytes, "gradients": local_params * 4, "optimizer": optimizer}
-
-
-def predicted_memory(model, train, tp: int, pp: int, dp: int, pp_rank: int, local_params: int,
-                     local_layers: int, m: int) -> dict[str, float]:
-    """Bytes on one rank, broken down (activations: bf16 accounting, also used for fp32 ×2)."""
-    dtype_bytes = 2 if train.dtype == "bf16" else 4
-    out = state_bytes(local_params, dtype_bytes, dp, train.distributed_optimizer)
+def activation_bytes(model, train, tp: int, pp: int, pp_rank: int, local_layers: int, m: int) -> float:
+    """Activation bytes one rank keeps at its peak: per layer (bf16 accounting, ×2 in fp32), times
+    its layers per chunk, times the micro-batches its schedule keeps in flight."""
     per_layer = activation_bytes_per_layer(train.recompute, train.seq_len, train.micro_batch, model.dim,
                                            model.ffn_dim, model.n_heads, tp, train.sp, train.sp_keep_gathered)
-    layers_per_chunk = local_layers / train.vpp
+    dtype_bytes = 2 if train.dtype == "bf16" else 4
     flight = micro_batches_in_flight(train.schedule, m, pp, pp_rank, train.vpp)
-    out["activations"] = per_layer * dtype_bytes / 2 * layers_per_chunk * flight
-    out["total"] = sum(out.values())
-    return out
+    return per_layer * dtype_bytes / 2 * local_layers / train.vpp * flight

@@ -26,8 +26,8 @@ from llama.cli import Parser, fail
 from llama.config import ConfigError, RunConfig, load_config, parse_yaml
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
-from llama.fault_drill import FaultDrill, poison_next_output
-from llama.memory_estimate import predicted_memory
+from llama.fault_drill import FaultDrill
+from llama.memory_estimate import activation_bytes
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
 from llama.model import check_tensor_parallel
 from llama.parallelize import activation_shape, build_chunks
@@ -143,7 +143,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     peak = t.peak_tflops or device_peak_tflops()
     is_logger = topo.rank == 0
     drill = FaultDrill(t.inject_fault, topo.rank)
-    summary = startup_summary(run, topo, chunks, accumulation)
+    summary = startup_summary(run, topo, chunks, accumulation, buckets, optimizer)
     if is_logger:
         tqdm.write(summary)
     writer = MetricsWriter(metrics_path if is_logger else None, append=bool(ckpt.resume))
@@ -167,8 +167,6 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         mine = rank_slice(data, result.consumed_samples, t.global_batch, topo.dp, topo.dp_rank).to(device)
         result.consumed_samples += t.global_batch
         micro = [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(t.micro_batch)]
-        if step == t.inject_nonfinite_step and chunks[-1].last_stage:
-            poison_next_output(chunks[-1])
         drill.at_step_start(step, chunks, p2p)
         buckets.start_step(accumulation)
         stats = run_schedule(t.schedule, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype])
@@ -214,16 +212,22 @@ def human_bytes(n: float) -> str:
     return ""
 
 
-def startup_summary(run: RunConfig, topo, chunks, accumulation: int) -> str:
-    """What rank 0 prints before the first step: parameters, layout, batch and predicted memory.
+def startup_summary(run: RunConfig, topo, chunks, accumulation: int, buckets, optimizer) -> str:
+    """What rank 0 prints before the first step: parameters, layout, batch and memory (the
+    weights, gradient buckets and optimizer state as allocated, the activations predicted).
     Every rank calls it (the per-rank maximum is a collective)."""
     m, t = run.model, run.train
-    local = sum(p.numel() for c in chunks for p in c.parameters())
-    layers = sum(len(c.layers) for c in chunks if hasattr(c, "layers"))
+    params = [p for c in chunks for p in c.parameters()]
+    local = sum(p.numel() for p in params)
     most = torch.tensor([local], dtype=torch.float64)
     if topo.world > 1:
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=topo.world_group)
-    mem = predicted_memory(m, t, topo.tp, topo.pp, topo.dp, topo.pp_rank, local, layers, accumulation)
+    layers = sum(len(c.layers) for c in chunks)
+    mem = {"weights": sum(p.numel() * p.element_size() for p in params),
+           "gradients": sum(b.grad.numel() * b.grad.element_size() for b in buckets.buckets),
+           "optimizer": optimizer.state_bytes(),
+           "activations": activation_bytes(m, t, topo.tp, topo.pp, topo.pp_rank, layers, accumulation)}
+    mem["total"] = sum(mem.values())
     size = {k: human_bytes(v) for k, v in mem.items()}
     sp = " sp" if t.sp and topo.tp > 1 else ""
     return (f"model: {m.num_params():,} parameters; {local:,} on rank 0, at most {int(most.item()):,} on a rank\n"
@@ -318,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    topo = None  # unknown until initialize() returns: a failure inside it names no group
     try:
         overrides = parse_overrides(args.set)
         flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
@@ -339,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             TensorFileError, ValueError) as err:
         code = fail("llama-train", err)
         if dist.is_initialized():  # maybe this rank's alone: its peers will name it at their timeout
-            faults.record_first(f"rank {dist.get_rank()} ({faults.host()}) failed during {faults.phase()}: "
-                                f"{type(err).__name__}: {err}")
+            faults.record_own_failure(dist.get_rank(), err)
         faults.stop("exited after an input error")
         return code
     except Exception as err:  # a failure during the run: name the rank that failed first
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if not faults.is_peer_failure(err):
             traceback.print_exc()  # this rank's own failure: its traceback is what the user needs
         line = faults.failure_line("llama-train", err, dist.get_rank(), dist.get_world_size(), args.timeout,
-                                   faults.group_names(topo) if "topo" in locals() else {})
+                                   faults.group_names(topo) if topo else {})
         sys.stderr.flush()
         faults.report(line)
         faults.stop("exited after a failure")

@@ -1,17 +1,19 @@
 """What a user watching a run sees: the start-up summary (parameters counted on the real model
-chunks, the layout, the batch, predicted memory), step time in the log line and the metrics,
+chunks, the layout, the batch, memory), step time in the log line and the metrics,
 and `--resume` on an empty directory saying that it starts fresh."""
 import json
 import re
 
 import pytest
 
-from llama.memory_estimate import micro_batches_in_flight
 from llama.parallelize import build_chunks
-from llama.train import main, startup_summary
+from llama.train import decays, main, startup_summary
+from parallel.data_parallel import GradBuckets
+from parallel.optimizer import Optimizer
 from tests.distributed import run_on_ranks, topology
 from tests.llama.test_train_layouts import _run_config
 
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 SMALL = ["--config", "tiny", "--set", "data.sources=[]", "--set", "data.tokenizer=''", "--set", "model.vocab_size=256",
          "--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "train.seq_len=16",
          "--set", "train.global_batch=4", "--set", "train.micro_batch=2", "--no-progress"]
@@ -22,37 +24,28 @@ def _summary_and_local_count(tp, pp):
     topo = topology(tp, pp)
     chunks = build_chunks(run.model, topo, seed=0, attention="sdpa", recompute="none")
     local = sum(p.numel() for c in chunks for p in c.parameters())
-    return startup_summary(run, topo, chunks, accumulation=4), local, run.model.num_params()
+    buckets = GradBuckets([p for c in chunks for p in c.parameters()], topo.dp_group, decays=decays)
+    optimizer = Optimizer(buckets, topo, 1e-3, (0.9, 0.95))
+    return startup_summary(run, topo, chunks, 4, buckets, optimizer), local, run.model
 
 
 @pytest.mark.timeout(120)
 def test_the_summary_counts_parameters_on_the_real_chunks_at_tp2_pp2():
     results = run_on_ranks(_summary_and_local_count, 4, 2, 2)
-    summary, local0, total = results[0]
-    locals_ = [r[1] for r in results]
+    summary, local0, model = results[0]
+    total, locals_ = model.num_params(), [r[1] for r in results]
     # tp shards add up to the model, but for the RMSNorm gains, which every tp rank holds whole
-    d, layers = 32, 4
-    assert sum(locals_) == total + (2 - 1) * (2 * d * layers + d)
+    assert sum(locals_) == total + (2 - 1) * (2 * model.dim * model.n_layers + model.dim)
     counts = re.fullmatch(r"model: ([\d,]+) parameters; ([\d,]+) on rank 0, at most ([\d,]+) on a rank",
                           summary.splitlines()[0])
     assert [int(x.replace(",", "")) for x in counts.groups()] == [total, local0, max(locals_)], summary
     assert "world 4 = tp 2 x pp 2 (vpp 1, 1f1b) x dp 1" in summary
     assert "8 sequences x 16 tokens = 128 tokens per step; 4 micro-batches of 2 per dp rank" in summary
-    weights = re.search(r"weights ([\d.]+) (\w+)", summary)
-    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[weights.group(2)]
-    assert float(weights.group(1)) * unit == pytest.approx(local0 * 4, rel=0.01)  # fp32 weights
-
-
-@pytest.mark.parametrize("pp,m", [(4, 8), (4, 2), (2, 5)])
-def test_micro_batches_in_flight_follow_the_published_schedules(pp, m):
-    for r in range(pp):
-        assert micro_batches_in_flight("gpipe", m, pp, r, 1) == m
-        assert micro_batches_in_flight("1f1b", m, pp, r, 1) == min(pp - r, m)  # warm-up pp-r-1, then one more
-    if m % pp == 0:
-        for vpp in (2, 3):
-            for r in range(pp):  # Megatron's interleaved warm-up, plus the first steady forward
-                warmup = min(m * vpp, (pp - r - 1) * 2 + (vpp - 1) * pp)
-                assert micro_batches_in_flight("interleaved", m, pp, r, vpp) == min(m * vpp, warmup + 1)
+    # fp32: 4-byte weights, 4-byte gradient buckets, and the parameters are their own master
+    # weights, so the optimizer keeps Adam's two 4-byte moments
+    for part, per_param in (("weights", 4), ("gradients", 4), ("optimizer", 8)):
+        value, unit = re.search(rf"{part} ([\d.]+) (\w+)", summary).groups()
+        assert float(value) * UNITS[unit] == pytest.approx(local0 * per_param, rel=0.01), (part, summary)
 
 
 def test_step_time_is_in_the_log_line_and_the_metrics(tmp_path, capsys):

@@ -141,7 +141,7 @@ def test_distributed_optimizer_holds_a_dp_th_of_the_state():
 
 
 def test_a_non_finite_step_is_skipped_and_training_goes_on():
-    run = _single(inject_nonfinite_step=3, steps=8)
+    run = _single(inject_fault="nan@0:3", steps=8)
     assert run.skipped == [3] and math.isnan(run.losses[3]) and math.isnan(run.grad_norms[3])
     assert all(math.isfinite(x) for i, x in enumerate(run.losses) if i != 3)
     clean = _single(steps=8)

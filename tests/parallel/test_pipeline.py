@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llama.config import LlamaConfig
+from llama.memory_estimate import micro_batches_in_flight
 from llama.model import Transformer
 from llama.parallelize import activation_shape, build_chunks
 from parallel.params import full_tensor, init_parameters
@@ -153,6 +154,8 @@ def test_schedule_orders_follow_the_published_warm_up():
             assert order == want, case
             peak = _tiny_run(schedule, pp, vpp, m, rank).peak_in_flight
             assert peak == expected_peak(schedule, m, pp, rank, vpp), f"{case}: peak_in_flight {peak}"
+            # what the start-up summary's activation memory multiplies by
+            assert micro_batches_in_flight(schedule, m, pp, rank, vpp) == peak, case
 
 
 def test_partition_and_clear_errors():
