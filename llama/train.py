@@ -3,6 +3,8 @@
     python -m llama.train --config configs/tiny.yaml                                   # one process
     torchrun --standalone --nproc-per-node 4 -m llama.train --config tiny --tp 2 --pp 2 # 4 local processes
     srun python -m llama.train --config llama-65b --tp 8 --pp 4                         # SLURM (or mpirun)
+    python -m llama.train --config llama-65b --tp 8 --pp 4 --dry-run --world-size 2048 --rank 0 1337
+                                                              # rank 0's and 1337's set-up, on this CPU
 """
 from __future__ import annotations
 
@@ -22,29 +24,33 @@ from tqdm import tqdm
 from launcher import faults
 from launcher.init import initialize
 from launcher.rendezvous import RendezvousError
-from llama.cli import Parser, fail
+from llama.cli import Parser, fail, int_at_least, warn
 from llama.config import ConfigError, RunConfig, load_config, parse_yaml
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
+from llama.dry_run import dry_run
 from llama.fault_drill import FaultDrill
-from llama.memory_estimate import activation_bytes
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
-from llama.model import check_tensor_parallel
-from llama.parallelize import activation_shape, build_chunks
+from llama.setup import (  # check_batch, decays, human_bytes: re-exported, their old home
+    DTYPES,
+    RankSetup,
+    build_rank,
+    check_batch,  # noqa: F401
+    decays,  # noqa: F401
+    human_bytes,
+    memory_breakdown,
+    slurm_tasks_per_node,
+    tp_node_warning,
+)
 from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
 from parallel import comm
 from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from parallel.data_parallel import GradBuckets
 from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
-from parallel.pipeline.p2p import PipelineP2P
-from parallel.pipeline.partition import chunk_sizes
-from parallel.pipeline.schedules import SCHEDULES, check_schedule, run_schedule
+from parallel.pipeline.schedules import SCHEDULES, run_schedule
 from parallel.tensor_files import TensorFileError
 from parallel.topology import TopologyError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ByteDemoData:
@@ -93,20 +99,6 @@ class TrainResult:
     optimizer: Optimizer | None = None
 
 
-def check_batch(global_batch: int, micro_batch: int, dp: int) -> int:
-    """Micro-batches per step on each rank: global = micro-batch × accumulation × dp."""
-    if global_batch % (micro_batch * dp):
-        raise ConfigError(f"global_batch={global_batch} is not divisible by micro_batch*dp={micro_batch}*{dp}: "
-                          "the global batch is micro-batch x accumulation steps x dp")
-    return global_batch // (micro_batch * dp)
-
-
-def decays(p) -> bool:
-    """Weight decay on matrices only (linear and embedding weights), none on RMSNorm gains: the
-    choice of Megatron-LM and GPT-NeoX, since decay pulls a gain towards 0, not towards 1."""
-    return p.dim() >= 2
-
-
 @dataclass
 class CheckpointOptions:
     save_dir: str | None = None   # write checkpoints here (step_000100/, latest)
@@ -121,24 +113,11 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     """Train on the layout of `topo` (already initialised); every rank calls this."""
     ckpt = ckpt or CheckpointOptions()
     m, t = run.model, run.train
-    if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    accumulation = check_batch(t.global_batch, t.micro_batch, topo.dp)
-    check_tensor_parallel(m, topo.tp, t.sp, t.seq_len, ranks=topo.world // topo.pp)
-    check_schedule(t.schedule, accumulation, topo.pp, t.vpp)
-    chunk_sizes(m.n_layers, topo.pp, t.vpp, t.stage_layers)  # the split, checked on every rank
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(t.seed)
-    chunks = build_chunks(m, topo, sp=t.sp, sp_keep_gathered=t.sp_keep_gathered, vpp=t.vpp,
-                          stage_layers=t.stage_layers, seed=t.seed, attention=t.attention, recompute=t.recompute,
-                          vocab_pad_multiple=t.vocab_pad_multiple, device=device, dtype=DTYPES[t.dtype])
-    params = [p for c in chunks for p in c.parameters()]
-    buckets = GradBuckets(params, topo.dp_group, t.bucket_mb, reduce_scatter=t.distributed_optimizer,
-                          overlap=t.overlap_grad_reduce, decays=decays, tp_group=topo.tp_group)
-    optimizer = Optimizer(buckets, topo, t.lr, (t.beta1, t.beta2), weight_decay=t.weight_decay,
-                          grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
-    p2p = PipelineP2P(topo, ring=t.vpp > 1)
-    shape = activation_shape(m, t.micro_batch, t.seq_len, topo.tp, t.sp)
+    rs = build_rank(run, topo, device)
+    chunks, buckets, optimizer, p2p, shape, accumulation = (rs.chunks, rs.buckets, rs.optimizer, rs.p2p, rs.shape,
+                                                            rs.accumulation)
     data = data or build_data(run)
     peak = t.peak_tflops or device_peak_tflops()
     is_logger = topo.rank == 0
@@ -203,15 +182,6 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     return result
 
 
-def human_bytes(n: float) -> str:
-    """1536 → '1.50 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return ""
-
-
 def startup_summary(run: RunConfig, topo, chunks, accumulation: int, buckets, optimizer) -> str:
     """What rank 0 prints before the first step: parameters, layout, batch and memory (the
     weights, gradient buckets and optimizer state as allocated, the activations predicted).
@@ -222,12 +192,7 @@ def startup_summary(run: RunConfig, topo, chunks, accumulation: int, buckets, op
     most = torch.tensor([local], dtype=torch.float64)
     if topo.world > 1:
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=topo.world_group)
-    layers = sum(len(c.layers) for c in chunks)
-    mem = {"weights": sum(p.numel() * p.element_size() for p in params),
-           "gradients": sum(b.grad.numel() * b.grad.element_size() for b in buckets.buckets),
-           "optimizer": optimizer.state_bytes(),
-           "activations": activation_bytes(m, t, topo.tp, topo.pp, topo.pp_rank, layers, accumulation)}
-    mem["total"] = sum(mem.values())
+    mem = memory_breakdown(run, topo, RankSetup(chunks, params, buckets, optimizer, None, None, accumulation))
     size = {k: human_bytes(v) for k, v in mem.items()}
     sp = " sp" if t.sp and topo.tp > 1 else ""
     return (f"model: {m.num_params():,} parameters; {local:,} on rank 0, at most {int(most.item()):,} on a rank\n"
@@ -317,7 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a collective may wait before every rank gives up (a dead or stuck peer)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="set up --rank's part of a --world-size job in this one CPU process (fake process group, "
+                        "meta device; no data, no compute) and print its groups, parameters, memory and traffic "
+                        "per step, or the error the real job would give (default: train)")
+    p.add_argument("--world-size", type=int_at_least(1), metavar="N",
+                   help="the job's number of ranks, with --dry-run (default: none; required by --dry-run)")
+    p.add_argument("--rank", type=int_at_least(0), nargs="+", metavar="R",
+                   help="the ranks to dry-run, with --dry-run (default: 0)")
+    p.add_argument("--gpus-per-node", type=int_at_least(1), metavar="G",
+                   help="ranks per node, to place peers on nodes in the dry run (default: SLURM_NTASKS_PER_NODE "
+                        "or SLURM_TASKS_PER_NODE when set, else 8)")
     return p
+
+
+def _dry_run_world(args) -> int:
+    if not args.dry_run:
+        raise ConfigError("--world-size and --rank go with --dry-run")
+    if args.world_size is None:
+        raise ConfigError("--dry-run needs --world-size N, the job's number of ranks")
+    return args.world_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault("train", {}).update(flags)
         run = load_config(args.config, overrides)
         t = run.train
+        if args.dry_run or args.world_size is not None or args.rank is not None:
+            print(dry_run(run, _dry_run_world(args), args.rank or [0],
+                          args.gpus_per_node or slurm_tasks_per_node() or 8), flush=True)
+            return 0
         topo = initialize(t.tp, t.pp, t.dp or None, timeout_s=args.timeout)
         faults.start(topo.rank, topo.world, args.timeout)
+        if topo.rank == 0 and (crossing := tp_node_warning(topo)):
+            warn("llama-train", crossing)
         resume = args.resume
         if resume == "":
             if not args.save:

@@ -131,3 +131,22 @@ def build_topology(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: f
     topo.mp_group = make([ranks(T, [d], P) for d in D])
     topo.pp_ranks = [topo.rank_of(topo.tp_rank, topo.dp_rank, p) for p in P]
     return topo
+
+
+def tp_groups_crossing_nodes(tp: int, world: int, ranks_per_node: int) -> list[list[int]]:
+    """The tp groups whose ranks sit on more than one node, when ranks fill nodes in blocks of
+    `ranks_per_node` (SLURM's block distribution; tp groups are blocks of tp consecutive ranks).
+    None cross when tp divides ranks_per_node (so tp <= ranks_per_node)."""
+    groups = [list(range(start, start + tp)) for start in range(0, world - world % tp, tp)]
+    return [g for g in groups if g[0] // ranks_per_node != g[-1] // ranks_per_node]
+
+
+def node_crossing_message(groups: list[list[int]], tp: int, ranks_per_node: int, shown: int = 3) -> str:
+    """One line naming the first tp groups that span nodes and the rule they break."""
+    named = "; ".join(f"ranks {g[0]}-{g[-1]} on nodes {g[0] // ranks_per_node}-{g[-1] // ranks_per_node}"
+                      for g in groups[:shown])
+    more = f" and {len(groups) - shown} more" if len(groups) > shown else ""
+    return (f"{len(groups)} tp groups span nodes at {ranks_per_node} ranks per node ({named}{more}): their tp "
+            f"collectives, several per layer and micro-batch, would cross the inter-node network; tp must "
+            f"divide the tasks per node ({ranks_per_node}) and so be at most it; choose tp in "
+            f"{divisors(ranks_per_node)}")

@@ -143,6 +143,10 @@ CASES = [
     ("llama-train", ["--set", "train.lr=[1,"], "--set 'train.lr=[1,' is not valid YAML"),
     ("llama-train", ["--config", "{d}/broken.yaml"], "broken.yaml' is not valid YAML (line 3)"),
     ("llama-train", ["--config", "{d}/none.yaml"], "none.yaml' does not exist"),
+    ("llama-train", ["--config", "llama-65b", "--tp", "8", "--pp", "3", "--dry-run", "--world-size", "2048"],
+     "world size 2048 is not divisible by tp*pp=8*3"),
+    ("llama-train", ["--tp", "8", "--dry-run", "--world-size", "8"], "n_heads=4 is not divisible by tp=8"),
+    ("llama-train", ["--dry-run", "--world-size", "0"], "argument --world-size: 0 must be >= 1"),
 ]
 # rows run again as real processes (`python -m llama.X`, `python tools/X.py`): what a user sees
 SUBPROCESS = [c for c in CASES if c[2] in ("model-pp000.safetensors' is truncated or corrupted",

@@ -83,3 +83,16 @@ def test_every_group_has_the_timeout_so_a_silent_peer_cannot_hang_a_rank():
     a pp receive waits for a stopped peer for as long as it stays stopped."""
     waited = run_on_ranks(_wait_for_a_silent_peer, 2, 2.0, timeout=60)[0]
     assert set(waited) == {"tp", "pp"} and all(1.5 < s < 6 for s in waited.values()), waited
+
+
+def test_tp_groups_crossing_nodes():
+    from parallel.topology import node_crossing_message, tp_groups_crossing_nodes
+    assert tp_groups_crossing_nodes(8, 2048, 8) == []
+    assert tp_groups_crossing_nodes(8, 32, 16) == []
+    every = tp_groups_crossing_nodes(8, 32, 4)  # tp larger than a node: every group spans two
+    assert every == [list(range(s, s + 8)) for s in (0, 8, 16, 24)]
+    assert tp_groups_crossing_nodes(4, 24, 6) == [[4, 5, 6, 7], [16, 17, 18, 19]]  # 6 not a multiple of 4
+    line = node_crossing_message(tp_groups_crossing_nodes(4, 24, 6), 4, 6)
+    assert line.startswith("2 tp groups span nodes at 6 ranks per node (ranks 4-7 on nodes 0-1; ranks 16-19 on "
+                           "nodes 2-3)"), line
+    assert line.endswith("choose tp in [1, 2, 3, 6]") and "\n" not in line

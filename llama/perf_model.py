@@ -1,0 +1,240 @@
+"""Predicted memory and step time of one layout on given hardware: the planner's model.
+
+Memory per GPU is the trainer's own set-up built on the meta device for the pipeline's first and
+last ranks (`llama.setup.build_rank` inside a fake process group of the job's world size): the
+real weights, gradient buckets and optimizer state, the activations of `llama.memory_estimate`
+(per-layer accounting verified by `benchmarks/activation_memory.py`, times the micro-batches the
+schedule keeps in flight), and the logits with their gradient on the last stage.
+
+Step time, for the slowest pipeline rank (`llama.step_profile` counts its work on the real model):
+
+  compute      per micro-batch: matmul FLOPs at the GEMM rate, attention FLOPs at the attention
+               rate, other kernels' bytes at memory bandwidth, one launch cost per kernel, and in
+               bf16 the fp32 gradient accumulation (read 2 B, read and write 4 B per parameter);
+  tp comm      every tp collective the layer issues (counted, not assumed), ring bytes over NVLink
+               (over the network if the tp group spans nodes); the backward's input-gradient
+               reductions and sp re-gathers of the column layers are hidden behind that layer's
+               GEMMs, as parallel/layers.py overlaps them; the rest is exposed;
+  pp p2p       per micro-batch and chunk, one activation forward and one gradient back, exposed;
+  bubble       (pp-1)/vpp micro-batch times (Narayanan et al. 2021) on top of the m micro-batches;
+  dp comm      the gradient buckets' all-reduce (ZeRO-1: reduce-scatter, then the parameters'
+               all-gather); the reduction overlaps the last micro-batch's backward, the all-gather
+               after the optimizer is exposed;
+  optimizer    AdamW over the parameters this rank owns: 34 bytes each at memory bandwidth.
+
+What it leaves out: stragglers and jitter between 2048 GPUs, network congestion and topology
+beyond one link per GPU, kernels that fuse elementwise work (it counts eager kernels), data
+loading, and the interaction of overlapped communication with compute (contention for SMs and
+memory bandwidth). RESULTS.md section 11 compares it with the paper's run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+
+from llama.config import RunConfig
+from llama.hardware import Hardware
+from llama.memory_estimate import activation_bytes
+from llama.metrics import flops_per_token
+from llama.setup import DTYPES
+from llama.step_profile import Work, profile
+from parallel import comm
+from parallel.pipeline.partition import chunks_of_rank
+
+# The paper's carbon formula (section 6, Table 15): Wh = GPU-hours × power × PUE; tCO2eq = MWh × 0.385.
+PUE = 1.1
+TCO2_PER_MWH = 0.385
+ADAM_BYTES_PER_PARAM = 34  # read grad, master, m, v (16); write master, m, v (12), param (2); the norm's read (4)
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    vpp: int = 1
+    micro_batch: int = 1
+    sp: bool = False
+    recompute: str = "selective"
+    distributed_optimizer: bool = False
+
+    @property
+    def schedule(self) -> str:
+        return "interleaved" if self.vpp > 1 else "1f1b"
+
+    def apply(self, run: RunConfig) -> RunConfig:
+        """`run` with this layout in its train section."""
+        train = dataclasses.replace(run.train, tp=self.tp, pp=self.pp, dp=self.dp, vpp=self.vpp,
+                                    micro_batch=self.micro_batch, sp=self.sp and self.tp > 1, recompute=self.recompute,
+                                    distributed_optimizer=self.distributed_optimizer, schedule=self.schedule)
+        return dataclasses.replace(run, train=train)
+
+    def __str__(self) -> str:
+        return (f"tp{self.tp}{'+sp' if self.sp and self.tp > 1 else ''} pp{self.pp}"
+                f"{f'x{self.vpp}' if self.vpp > 1 else ''} dp{self.dp} mb{self.micro_batch} "
+                f"{self.recompute}{' zero1' if self.distributed_optimizer else ''}")
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    memory: dict[str, float]          # bytes per GPU, the fullest rank: weights ... total
+    fits: bool
+    time: dict[str, float]            # seconds per step: compute ... total
+    tokens_per_s_per_gpu: float
+    mfu: float
+    days: float
+    gpu_hours: float
+    mwh: float
+    tco2eq: float
+    params_per_gpu: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def carbon(gpu_hours: float, power_w: float) -> tuple[float, float]:
+    """(MWh, tCO2eq) with the paper's formula."""
+    mwh = gpu_hours * power_w * PUE / 1e6
+    return mwh, mwh * TCO2_PER_MWH
+
+
+@functools.lru_cache(maxsize=1024)
+def _static_memory(key: tuple, world: int, pp_rank: int) -> dict:
+    """Weights, gradients and optimizer bytes of pp rank `pp_rank` (tp rank 0, dp rank 0): the
+    trainer's own set-up on the meta device, in a fake process group of the job's world size."""
+    import torch
+
+    from llama.fake_world import fake_world
+    from llama.setup import build_rank
+    from parallel.topology import build_topology
+    run = _runs[key]
+    t = run.train
+    with fake_world(world, pp_rank * t.tp * t.dp), torch.device("meta"):
+        setup = build_rank(run, build_topology(t.tp, t.pp, t.dp), "meta", seed=None)
+        return {"weights": sum(p.numel() * p.element_size() for p in setup.params),
+                "gradients": sum(b.grad.numel() * b.grad.element_size() for b in setup.buckets.buckets),
+                "optimizer": setup.optimizer.state_bytes(),
+                "params": sum(p.numel() for p in setup.params),
+                "layers": sum(len(c.layers) for c in setup.chunks),
+                "buckets": len(setup.buckets.buckets),
+                "param_bytes_padded": sum(b.data.numel() * b.data.element_size() for b in setup.buckets.buckets)}
+
+
+_runs: dict[tuple, RunConfig] = {}
+
+
+def _key(run: RunConfig) -> tuple:
+    """What the weights, buckets and optimizer state depend on; the run kept for that key is
+    one that passes the set-up's checks (micro-batch, schedule and recompute do not change them)."""
+    t = run.train
+    key = (dataclasses.astuple(run.model), t.tp, t.pp, t.dp, t.vpp, t.dtype, t.distributed_optimizer, t.bucket_mb,
+           t.vocab_pad_multiple, tuple(t.stage_layers or ()))
+    _runs.setdefault(key, run)
+    return key
+
+
+def accumulation(run: RunConfig) -> int:
+    """Micro-batches per step; the run's every check passed first (the trainer's, one line each)."""
+    from llama.setup import check_run
+    from parallel.topology import Topology
+    t = run.train
+    return check_run(run, Topology(tp=t.tp, pp=t.pp, dp=t.dp))
+
+
+def memory(run: RunConfig, world: int, pp_rank: int) -> dict[str, float]:
+    """Bytes pp rank `pp_rank` holds at its peak: weights, gradients, optimizer, activations, logits."""
+    m, t = run.model, run.train
+    micro_batches = accumulation(run)  # checked before its key can be cached
+    static = _static_memory(_key(run), world, pp_rank)
+    mem = {k: static[k] for k in ("weights", "gradients", "optimizer")}
+    mem["activations"] = activation_bytes(m, t, t.tp, t.pp, pp_rank, static["layers"], micro_batches)
+    vocab = -(-m.vocab_size // (t.vocab_pad_multiple * t.tp)) * t.vocab_pad_multiple  # this rank's share
+    mem["logits"] = 2 * t.micro_batch * t.seq_len * vocab * DTYPES[t.dtype].itemsize if pp_rank == t.pp - 1 else 0
+    mem["total"] = sum(mem.values())
+    return {**mem, "_static": static}
+
+
+def _compute_s(work: Work, hw: Hardware) -> float:
+    one_gemm = work.matmul_flops / work.matmuls if work.matmuls else None
+    return (hw.gemm_s(work.matmul_flops, one_gemm) + hw.attention_s(work.attention_flops)
+            + hw.memory_s(work.memory_bytes) + work.kernels * hw.launch_s)
+
+
+def _tp_comm_s(work: Work, tp: int, hw: Hardware, inter: bool) -> float:
+    return sum(hw.link_s(comm.wire_bytes(op, work.collective_bytes[op], tp), calls, inter)
+               for op, calls in work.collectives.items())
+
+
+def predict(run: RunConfig, layout: Layout, hw: Hardware, tokens: float) -> Prediction:
+    """Memory and step time of `layout` for `run` (its model, sequence length, global batch)."""
+    run = layout.apply(run)
+    m, t = run.model, run.train
+    world = layout.tp * layout.pp * layout.dp
+    hw = hw.on_node(min(world, hw.gpus_per_node))
+    dtype = DTYPES[t.dtype]
+    elt = dtype.itemsize
+    ranks = sorted({0, t.pp - 1})
+    mems = {r: memory(run, world, r) for r in ranks}
+    fullest = max(ranks, key=lambda r: mems[r]["total"])
+    prof = profile(m, t.tp, t.sp, t.recompute, t.micro_batch, t.seq_len, dtype, t.sp_keep_gathered,
+                   t.vocab_pad_multiple)
+    per_node = hw.gpus_per_node
+    tp_inter = t.tp > per_node or per_node % t.tp != 0
+    bsh = t.micro_batch * t.seq_len * m.dim * elt
+    # Hidden per layer: the column layers' input-gradient reductions (2) and, under sp without the
+    # kept input, their re-gathers (2), each at most as long as the backward GEMMs it runs beside.
+    n_hidden = (2 + (2 if t.sp and t.tp > 1 and not t.sp_keep_gathered else 0)) if t.tp > 1 else 0
+    op = "reduce_scatter" if t.sp and t.tp > 1 else "all_reduce"
+    one_hidden = hw.link_s(comm.wire_bytes(op, bsh, t.tp), 1, tp_inter) if t.tp > 1 else 0.0
+    layer_bwd_gemm = hw.gemm_s(prof["layer"].matmul_flops * 2 / 3)
+
+    per_rank = {}
+    for r in ranks:
+        layers = sum(len(c.layer_ids) for c in chunks_of_rank(m.n_layers, t.pp, r, t.vpp, t.stage_layers))
+        work = prof["layer"].scaled(layers)
+        if r == 0:
+            work = work + prof["first"]
+        if r == t.pp - 1:
+            work = work + prof["last"]
+        static = mems[r]["_static"]
+        accumulate = static["params"] * 10 if dtype.itemsize == 2 else 0  # bf16 grad into fp32 main_grad
+        compute = _compute_s(work, hw) + hw.memory_s(accumulate)
+        tp_total = _tp_comm_s(work, t.tp, hw, tp_inter) if t.tp > 1 else 0.0
+        hidden = layers * min(n_hidden * one_hidden, layer_bwd_gemm)
+        per_rank[r] = (compute, max(tp_total - hidden, 0.0), layers)
+    slow = max(ranks, key=lambda r: per_rank[r][0] + per_rank[r][1])
+    compute_mb, tp_mb, layers = per_rank[slow]
+    mcount = accumulation(run)
+
+    pp_inter = t.tp * t.dp >= per_node
+    act = t.micro_batch * (t.seq_len // t.tp if t.sp and t.tp > 1 else t.seq_len) * m.dim * elt
+    p2p_mb = 2 * t.vpp * hw.link_s(act, 1, pp_inter) if t.pp > 1 else 0.0
+    bubble = (t.pp - 1) / t.vpp * (compute_mb + tp_mb + p2p_mb)
+
+    static = mems[slow]["_static"]
+    dp_inter = t.tp * t.dp > per_node
+    if t.dp > 1:
+        grads, n = static["gradients"], static["buckets"]
+        reduce_op = "reduce_scatter" if t.distributed_optimizer else "all_reduce"
+        reduce = hw.link_s(comm.wire_bytes(reduce_op, grads, t.dp), n, dp_inter)
+        gather = hw.link_s(comm.wire_bytes("all_gather", static["param_bytes_padded"], t.dp), n, dp_inter) \
+            if t.distributed_optimizer else 0.0
+        last_backward = (compute_mb + tp_mb) * 2 / 3
+        dp_exposed = max(reduce - last_backward, 0.0) + gather
+    else:
+        dp_exposed = 0.0
+    owned = static["params"] / (t.dp if t.distributed_optimizer else 1)
+    optimizer = hw.memory_s(owned * ADAM_BYTES_PER_PARAM)
+
+    times = {"compute": mcount * compute_mb, "tp_comm": mcount * tp_mb, "pp_p2p": mcount * p2p_mb,
+             "bubble": bubble, "dp_comm": dp_exposed, "optimizer": optimizer}
+    times["total"] = sum(times.values())
+    tokens_per_s_per_gpu = t.global_batch * t.seq_len / times["total"] / world
+    mfu = flops_per_token(m, t.seq_len) * tokens_per_s_per_gpu / (hw.peak_tflops * 1e12)
+    seconds = tokens / (tokens_per_s_per_gpu * world) if tokens else 0.0
+    gpu_hours = seconds * world / 3600
+    mwh, tco2 = carbon(gpu_hours, hw.power_w)
+    mem = {k: v for k, v in mems[fullest].items() if k != "_static"}
+    return Prediction(layout, mem, mem["total"] <= hw.usable_bytes, times, tokens_per_s_per_gpu, mfu,
+                      seconds / 86400, gpu_hours, mwh, tco2, params_per_gpu=max(m_["_static"]["params"]
+                                                                                 for m_ in mems.values()))
