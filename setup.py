@@ -25,5 +25,6 @@ setup(
         "plot": ["matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["llama-train=llama.train:main", "llama-convert=llama.convert_cli:main",
-                                      "llama-generate=llama.generate:main", "llama-eval=llama.evaluate:main"]},
+                                      "llama-generate=llama.generate:main", "llama-eval=llama.evaluate:main",
+                                      "llama-plan=llama.plan:main"]},
 )

@@ -59,7 +59,8 @@ def candidates(n_gpus: int, hw: hardware.Hardware, n_layers: int, global_batch: 
                         continue
                     for recompute in ("none", "selective", "full"):
                         for sp in ((True, False) if tp > 1 else (False,)):
-                            for zero1 in ((True, False) if dp > 1 else (False,)):
+                            # ZeRO-1 moves the same bytes and holds less: searched only when fixed off
+                            for zero1 in ((fixed.get("distributed_optimizer", True),) if dp > 1 else (False,)):
                                 out.append(Layout(tp, pp, dp, vpp, mb, sp, recompute, zero1))
     return [c for c in out if all(getattr(c, k) == v for k, v in fixed.items())]
 
