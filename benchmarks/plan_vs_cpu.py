@@ -1,0 +1,69 @@
+"""llama-plan's step time on cpu-local against our own measured runs on this machine.
+
+    python -m benchmarks.plan_vs_cpu [--steps 8]
+
+cpu-local is measured first if it has no calibration (`llama-plan --calibrate`). Each layout of
+the tiny config (1 process, tp=2, tp=2+sp, pp=2, dp=2) trains a few steps on the byte corpus,
+one thread per process, and its median step time (steps after the first two) is printed beside
+the planner's prediction for the same layout. Goal: each ratio within 15%.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+
+import torch
+
+from llama.config import load_config
+from llama.hardware import load
+from llama.perf_model import Layout, predict
+from tests.distributed import run_on_ranks, topology
+
+LAYOUTS = [("1 process", Layout(1, 1, 1)), ("tp=2", Layout(2, 1, 1)), ("tp=2 + sp", Layout(2, 1, 1, sp=True)),
+           ("pp=2", Layout(1, 2, 1)), ("dp=2", Layout(1, 1, 2))]
+
+
+def _run(layout: Layout, steps: int) -> float | None:
+    from llama.train import ByteDemoData, train
+    torch.set_num_threads(1)
+    run = _tiny(layout, steps)
+    topo = topology(layout.tp, layout.pp, layout.dp)
+    path = os.path.join(tempfile.mkdtemp(), "m.jsonl") if topo.rank == 0 else None
+    train(run, topo, show_progress=False, metrics_path=path, data=ByteDemoData(run.train.seq_len, 0))
+    if path is None:
+        return None
+    times = [json.loads(line)["step_s"] for line in open(path)][2:]
+    return statistics.median(times)
+
+
+def _tiny(layout: Layout, steps: int):
+    run = layout.apply(load_config("tiny"))
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=[], tokenizer=""))
+    run.train.steps, run.train.log_every = steps, 1000
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    hw = load("cpu-local")
+    print(f"tiny config, micro-batch 8, 4 micro-batches per step, {args.steps} steps; cpu-local GEMM peak "
+          f"{hw.peak_tflops * 1e3:.0f} GFLOP/s per process")
+    print(f"{'layout':<12} {'measured s':>10} {'predicted s':>11} {'ratio':>6}   predicted breakdown")
+    for label, layout in LAYOUTS:
+        world = layout.tp * layout.pp * layout.dp
+        measured = _run(layout, args.steps) if world == 1 else run_on_ranks(_run, world, layout, args.steps,
+                                                                            timeout=600)[0]
+        pred = predict(_tiny(layout, args.steps), layout, hw, 0)
+        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in pred.time.items() if k != "total" and v)
+        total = pred.time["total"]
+        print(f"{label:<12} {measured:10.4f} {total:11.4f} {total / measured:6.2f}   {parts} ms")
+
+
+if __name__ == "__main__":
+    main()
