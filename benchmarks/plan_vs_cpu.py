@@ -23,8 +23,10 @@ from llama.hardware import load
 from llama.perf_model import Layout, predict
 from tests.distributed import run_on_ranks, topology
 
-LAYOUTS = [("1 process", Layout(1, 1, 1)), ("tp=2", Layout(2, 1, 1)), ("tp=2 + sp", Layout(2, 1, 1, sp=True)),
-           ("pp=2", Layout(1, 2, 1)), ("dp=2", Layout(1, 1, 2))]
+TINY = dict(micro_batch=8, recompute="none")  # the tiny config's own choices
+LAYOUTS = [("1 process", Layout(1, 1, 1, **TINY)), ("tp=2", Layout(2, 1, 1, **TINY)),
+           ("tp=2 + sp", Layout(2, 1, 1, sp=True, **TINY)), ("pp=2", Layout(1, 2, 1, **TINY)),
+           ("dp=2", Layout(1, 1, 2, micro_batch=4, recompute="none"))]
 
 
 def _run(layout: Layout, steps: int) -> float | None:
