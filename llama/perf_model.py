@@ -41,6 +41,7 @@ from llama.setup import DTYPES
 from llama.step_profile import Work, profile
 from parallel import comm
 from parallel.pipeline.partition import chunks_of_rank
+from parallel.topology import tp_groups_crossing_nodes
 
 # The paper's carbon formula (section 6, Table 15): Wh = GPU-hours × power × PUE; tCO2eq = MWh × 0.385.
 PUE = 1.1
@@ -105,15 +106,15 @@ def _static_memory(key: tuple, world: int, pp_rank: int) -> dict:
     import torch
 
     from llama.fake_world import fake_world
-    from llama.setup import build_rank
+    from llama.setup import build_rank, memory_breakdown
     from parallel.topology import build_topology
     run = _runs[key]
     t = run.train
     with fake_world(world, pp_rank * t.tp * t.dp), torch.device("meta"):
-        setup = build_rank(run, build_topology(t.tp, t.pp, t.dp), "meta", seed=None)
-        return {"weights": sum(p.numel() * p.element_size() for p in setup.params),
-                "gradients": sum(b.grad.numel() * b.grad.element_size() for b in setup.buckets.buckets),
-                "optimizer": setup.optimizer.state_bytes(),
+        topo = build_topology(t.tp, t.pp, t.dp)
+        setup = build_rank(run, topo, "meta", seed=None)
+        mem = memory_breakdown(run, topo, setup)  # its activations are the key run's: predict() redoes them
+        return {"weights": mem["weights"], "gradients": mem["gradients"], "optimizer": mem["optimizer"],
                 "params": sum(p.numel() for p in setup.params),
                 "layers": sum(len(c.layers) for c in setup.chunks),
                 "buckets": len(setup.buckets.buckets),
@@ -179,7 +180,7 @@ def predict(run: RunConfig, layout: Layout, hw: Hardware, tokens: float) -> Pred
     prof = profile(m, t.tp, t.sp, t.recompute, t.micro_batch, t.seq_len, dtype, t.sp_keep_gathered,
                    t.vocab_pad_multiple)
     per_node = hw.gpus_per_node
-    tp_inter = t.tp > per_node or per_node % t.tp != 0
+    tp_inter = bool(tp_groups_crossing_nodes(t.tp, world, per_node))
     bsh = t.micro_batch * t.seq_len * m.dim * elt
     # Hidden per layer: the column layers' input-gradient reductions (2) and, under sp without the
     # kept input, their re-gathers (2), each at most as long as the backward GEMMs it runs beside.

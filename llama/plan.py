@@ -25,7 +25,7 @@ from llama.cli import Parser, fail, int_at_least
 from llama.config import ConfigError, load_config
 from llama.perf_model import Layout, Prediction, predict
 from llama.setup import human_bytes
-from parallel.topology import TopologyError, divisors
+from parallel.topology import TopologyError, divisors, tp_groups_crossing_nodes
 
 SUFFIX = {"": 1, "K": 1, "M": 2, "G": 3, "B": 3, "T": 4}
 
@@ -71,7 +71,7 @@ def check_fixed(n_gpus: int, hw: hardware.Hardware, fixed: dict) -> None:
     if n_gpus % (tp * pp):
         raise TopologyError(f"--gpus {n_gpus} is not divisible by tp*pp={tp}*{pp}; "
                             f"choose tp*pp in {divisors(n_gpus)}")
-    if tp > hw.gpus_per_node or hw.gpus_per_node % tp:
+    if tp_groups_crossing_nodes(tp, n_gpus, hw.gpus_per_node):
         raise TopologyError(f"tp={tp} would span nodes of {hw.gpus_per_node} GPUs ({hw.name}): tensor-parallel "
                             f"groups must sit inside a node (tp dividing {hw.gpus_per_node}), where NVLink is")
 
