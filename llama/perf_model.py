@@ -4,7 +4,9 @@ Memory per GPU is the trainer's own set-up built on the meta device for the pipe
 last ranks (`llama.setup.build_rank` inside a fake process group of the job's world size): the
 real weights, gradient buckets and optimizer state, the activations of `llama.memory_estimate`
 (per-layer accounting verified by `benchmarks/activation_memory.py`, times the micro-batches the
-schedule keeps in flight), and the logits with their gradient on the last stage.
+schedule keeps in flight), the logits the last stage keeps for the loss, and the working set of one
+backward (the gradients in flight, a recomputed layer's activations, the logits' gradient): these two
+are measured on the meta device by `llama.step_profile`, which runs the real layer and loss.
 
 Step time, for the slowest pipeline rank (`llama.step_profile` counts its work on the real model):
 
@@ -16,7 +18,8 @@ Step time, for the slowest pipeline rank (`llama.step_profile` counts its work o
                reductions and sp re-gathers of the column layers are hidden behind that layer's
                GEMMs, as parallel/layers.py overlaps them; the rest is exposed;
   pp p2p       per micro-batch and chunk, one activation forward and one gradient back, exposed;
-  bubble       (pp-1)/vpp micro-batch times (Narayanan et al. 2021) on top of the m micro-batches;
+  bubble       one micro-batch of every stage but the slowest, over vpp, on top of the slowest's
+               m micro-batches (1F1B's critical path; balanced: (pp-1)/vpp, Narayanan et al. 2021);
   dp comm      the gradient buckets' all-reduce (ZeRO-1: reduce-scatter, then the parameters'
                all-gather); the reduction overlaps the last micro-batch's backward, the all-gather
                after the optimizer is exposed;
@@ -142,23 +145,32 @@ def accumulation(run: RunConfig) -> int:
     return check_run(run, Topology(tp=t.tp, pp=t.pp, dp=t.dp))
 
 
-def memory(run: RunConfig, world: int, pp_rank: int) -> dict[str, float]:
-    """Bytes pp rank `pp_rank` holds at its peak: weights, gradients, optimizer, activations, logits."""
+def memory(run: RunConfig, world: int, pp_rank: int, device: str = "cuda") -> dict[str, float]:
+    """Bytes pp rank `pp_rank` holds at its peak: weights, gradients, optimizer, activations, logits
+    and the working set of one backward."""
     m, t = run.model, run.train
     micro_batches = accumulation(run)  # checked before its key can be cached
     static = _static_memory(_key(run), world, pp_rank)
     mem = {k: static[k] for k in ("weights", "gradients", "optimizer")}
     mem["activations"] = activation_bytes(m, t, t.tp, t.pp, pp_rank, static["layers"], micro_batches)
-    vocab = -(-m.vocab_size // (t.vocab_pad_multiple * t.tp)) * t.vocab_pad_multiple  # this rank's share
-    mem["logits"] = 2 * t.micro_batch * t.seq_len * vocab * DTYPES[t.dtype].itemsize if pp_rank == t.pp - 1 else 0
+    prof = profile(m, t.tp, t.sp, t.recompute, t.micro_batch, t.seq_len, DTYPES[t.dtype], t.sp_keep_gathered,
+                   t.vocab_pad_multiple, device)
+    last = pp_rank == t.pp - 1
+    # the last stage's forward keeps its logits (and the final norm's input) for the loss's backward
+    mem["logits"] = prof["last"].saved_bytes if last else 0
+    # the most one backward holds beyond the saved activations: a layer's, or the loss's on the last stage
+    mem["working"] = max(prof["layer"].backward_bytes, prof["last"].backward_bytes if last else 0,
+                         prof["first"].backward_bytes if pp_rank == 0 else 0)
     mem["total"] = sum(mem.values())
     return {**mem, "_static": static}
 
 
 def _compute_s(work: Work, hw: Hardware) -> float:
     one_gemm = work.matmul_flops / work.matmuls if work.matmuls else None
+    others = work.kernels - work.matmuls
+    one_kernel = work.memory_bytes / others if others else None
     return (hw.gemm_s(work.matmul_flops, one_gemm) + hw.attention_s(work.attention_flops)
-            + hw.memory_s(work.memory_bytes) + work.kernels * hw.launch_s)
+            + hw.memory_s(work.memory_bytes, one_kernel) + work.kernels * hw.launch_s)
 
 
 def _tp_comm_s(work: Work, tp: int, hw: Hardware, inter: bool) -> float:
@@ -175,10 +187,10 @@ def predict(run: RunConfig, layout: Layout, hw: Hardware, tokens: float) -> Pred
     dtype = DTYPES[t.dtype]
     elt = dtype.itemsize
     ranks = sorted({0, t.pp - 1})
-    mems = {r: memory(run, world, r) for r in ranks}
+    mems = {r: memory(run, world, r, hw.device) for r in ranks}
     fullest = max(ranks, key=lambda r: mems[r]["total"])
     prof = profile(m, t.tp, t.sp, t.recompute, t.micro_batch, t.seq_len, dtype, t.sp_keep_gathered,
-                   t.vocab_pad_multiple)
+                   t.vocab_pad_multiple, hw.device)
     per_node = hw.gpus_per_node
     tp_inter = bool(tp_groups_crossing_nodes(t.tp, world, per_node))
     bsh = t.micro_batch * t.seq_len * m.dim * elt
@@ -188,40 +200,67 @@ def predict(run: RunConfig, layout: Layout, hw: Hardware, tokens: float) -> Pred
     op = "reduce_scatter" if t.sp and t.tp > 1 else "all_reduce"
     one_hidden = hw.link_s(comm.wire_bytes(op, bsh, t.tp), 1, tp_inter) if t.tp > 1 else 0.0
     layer_bwd_gemm = hw.gemm_s(prof["layer"].matmul_flops * 2 / 3)
+    measured = all(o in hw.collective_curve for o in comm.RING_FACTOR) and "p2p" in hw.collective_curve
 
     per_rank = {}
-    for r in ranks:
-        layers = sum(len(c.layer_ids) for c in chunks_of_rank(m.n_layers, t.pp, r, t.vpp, t.stage_layers))
+    layers_of = {r: sum(len(c.layer_ids) for c in chunks_of_rank(m.n_layers, t.pp, r, t.vpp, t.stage_layers))
+                 for r in range(t.pp)}
+    for r in sorted(set(range(t.pp)) if t.pp <= 64 else {0, 1, t.pp - 2, t.pp - 1}):
+        layers = layers_of[r]
         work = prof["layer"].scaled(layers)
         if r == 0:
             work = work + prof["first"]
         if r == t.pp - 1:
             work = work + prof["last"]
-        static = mems[r]["_static"]
-        accumulate = static["params"] * 10 if dtype.itemsize == 2 else 0  # bf16 grad into fp32 main_grad
+        # a middle stage's parameters: the first stage's per layer (its embedding share is small)
+        params = mems[r]["_static"]["params"] if r in mems else \
+            mems[0]["_static"]["params"] * layers / max(layers_of[0], 1)
+        accumulate = params * 10 if dtype.itemsize == 2 else 0  # bf16 grad into fp32 main_grad
         compute = _compute_s(work, hw) + hw.memory_s(accumulate)
-        tp_total = _tp_comm_s(work, t.tp, hw, tp_inter) if t.tp > 1 else 0.0
-        hidden = layers * min(n_hidden * one_hidden, layer_bwd_gemm)
-        per_rank[r] = (compute, max(tp_total - hidden, 0.0), layers)
-    slow = max(ranks, key=lambda r: per_rank[r][0] + per_rank[r][1])
+        if t.tp == 1:
+            tp_exposed = 0.0
+        elif measured:  # cpu-local: each call's measured cost, the hidden ones' measured beside a GEMM
+            hidden_calls = {op: 2 * layers}
+            if n_hidden > 2:
+                hidden_calls["all_gather"] = 2 * layers
+            tp_exposed = sum(hw.collective_s(o, work.collective_bytes[o] - hidden_calls.get(o, 0) * bsh,
+                                             calls - hidden_calls.get(o, 0))
+                             + hw.collective_s(o, hidden_calls.get(o, 0) * bsh, hidden_calls.get(o, 0), overlapped=True)
+                             for o, calls in work.collectives.items())
+        else:
+            hidden = layers * min(n_hidden * one_hidden, layer_bwd_gemm)
+            tp_exposed = max(_tp_comm_s(work, t.tp, hw, tp_inter) - hidden, 0.0)
+        per_rank[r] = (compute, tp_exposed, layers)
+    slow = max(per_rank, key=lambda r: per_rank[r][0] + per_rank[r][1])
     compute_mb, tp_mb, layers = per_rank[slow]
     mcount = accumulation(run)
 
     pp_inter = t.tp * t.dp >= per_node
     act = t.micro_batch * (t.seq_len // t.tp if t.sp and t.tp > 1 else t.seq_len) * m.dim * elt
-    p2p_mb = 2 * t.vpp * hw.link_s(act, 1, pp_inter) if t.pp > 1 else 0.0
-    bubble = (t.pp - 1) / t.vpp * (compute_mb + tp_mb + p2p_mb)
+    one_p2p = hw.collective_s("p2p", act, 1) if measured else hw.link_s(act, 1, pp_inter)
+    p2p_mb = 2 * t.vpp * one_p2p if t.pp > 1 else 0.0
+    # 1F1B's critical path: m micro-batches on the slowest stage, plus one on every other stage as
+    # the pipeline fills and drains (divided by vpp when interleaved); balanced: (pp-1)/vpp of one.
+    # Past 64 stages only the ends are profiled: the middle ones are taken to be like stage 1.
+    others = sum(per_rank.get(r, per_rank[min(r, 1)])[0] + per_rank.get(r, per_rank[min(r, 1)])[1]
+                 for r in range(t.pp)) - (compute_mb + tp_mb)
+    bubble = (others + (t.pp - 1) * p2p_mb) / t.vpp
 
-    static = mems[slow]["_static"]
+    static = mems[max(ranks, key=lambda r: per_rank[r][0])]["_static"]  # the busier end for dp's buckets
     dp_inter = t.tp * t.dp > per_node
     if t.dp > 1:
         grads, n = static["gradients"], static["buckets"]
         reduce_op = "reduce_scatter" if t.distributed_optimizer else "all_reduce"
-        reduce = hw.link_s(comm.wire_bytes(reduce_op, grads, t.dp), n, dp_inter)
-        gather = hw.link_s(comm.wire_bytes("all_gather", static["param_bytes_padded"], t.dp), n, dp_inter) \
-            if t.distributed_optimizer else 0.0
-        last_backward = (compute_mb + tp_mb) * 2 / 3
-        dp_exposed = max(reduce - last_backward, 0.0) + gather
+        padded = static["param_bytes_padded"]
+        if measured:  # cpu-local: the reduction's measured cost beside backward's GEMMs is what it adds
+            gather = hw.collective_s("all_gather", padded, n) if t.distributed_optimizer else 0.0
+            dp_exposed = hw.collective_s(reduce_op, grads, n, overlapped=True) + gather
+        else:
+            reduce = hw.link_s(comm.wire_bytes(reduce_op, grads, t.dp), n, dp_inter)
+            gather = hw.link_s(comm.wire_bytes("all_gather", padded, t.dp), n, dp_inter) \
+                if t.distributed_optimizer else 0.0
+            last_backward = (compute_mb + tp_mb) * 2 / 3
+            dp_exposed = max(reduce - last_backward, 0.0) + gather
     else:
         dp_exposed = 0.0
     owned = static["params"] / (t.dp if t.distributed_optimizer else 1)

@@ -117,7 +117,8 @@ def table(preds: list[Prediction], hw, n_gpus: int, run, tokens: float, top: int
     lines += ["", f"best: {best.layout}: {best.params_per_gpu:,} parameters on the fullest GPU; memory "
                   f"{human_bytes(mem['total'])} = weights {human_bytes(mem['weights'])} + gradients "
                   f"{human_bytes(mem['gradients'])} + optimizer {human_bytes(mem['optimizer'])} + activations "
-                  f"{human_bytes(mem['activations'])} + logits {human_bytes(mem['logits'])}",
+                  f"{human_bytes(mem['activations'])} + logits {human_bytes(mem['logits'])} + backward's working set "
+                  f"{human_bytes(mem['working'])}",
               f"      {best.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {100 * best.mfu:.1f}%, {best.days:.1f} days, "
               f"{best.gpu_hours:,.0f} GPU-hours, {best.mwh:,.0f} MWh, {best.tco2eq:,.0f} tCO2eq "
               f"({hw.power_w:.0f} W, PUE 1.1, 0.385 kg/kWh)"]

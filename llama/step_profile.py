@@ -27,8 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.config import LlamaConfig
 from llama.model import Transformer
-from parallel import comm
+from parallel import comm, loss
 from parallel.layers import TensorParallel
+from parallel.memory import PeakTensorMemory
 from parallel.topology import build_topology
 
 _aten = torch.ops.aten
@@ -53,6 +54,10 @@ class Work:
     matmuls: int = 0                   # of which GEMMs (their mean size sets a CPU's GEMM rate)
     collectives: Counter = field(default_factory=Counter)   # tp collective -> calls
     collective_bytes: Counter = field(default_factory=Counter)  # -> buffer bytes (parallel.comm's)
+    saved_bytes: float = 0.0           # what forward leaves alive for backward (and its output)
+    # the most bytes backward holds at once beyond that (its working set: the gradients in flight,
+    # a recomputed forward's activations); the largest piece's, not a sum
+    backward_bytes: float = 0.0
 
     def _combine(self, other: Work, sign: int) -> Work:
         def counter(a: Counter, b: Counter) -> Counter:
@@ -60,7 +65,9 @@ class Work:
         return Work(self.matmul_flops + sign * other.matmul_flops, self.attention_flops + sign * other.attention_flops,
                     self.memory_bytes + sign * other.memory_bytes, self.kernels + sign * other.kernels,
                     self.matmuls + sign * other.matmuls, counter(self.collectives, other.collectives),
-                    counter(self.collective_bytes, other.collective_bytes))
+                    counter(self.collective_bytes, other.collective_bytes),
+                    self.saved_bytes + sign * other.saved_bytes,
+                    max(self.backward_bytes, other.backward_bytes) if sign > 0 else self.backward_bytes)
 
     def __add__(self, other: Work) -> Work:
         return self._combine(other, 1)
@@ -71,7 +78,8 @@ class Work:
     def scaled(self, n: float) -> Work:
         return Work(self.matmul_flops * n, self.attention_flops * n, self.memory_bytes * n, self.kernels * n,
                     self.matmuls * n, Counter({k: v * n for k, v in self.collectives.items()}),
-                    Counter({k: v * n for k, v in self.collective_bytes.items()}))
+                    Counter({k: v * n for k, v in self.collective_bytes.items()}), self.saved_bytes * n,
+                    self.backward_bytes)
 
 
 def _nbytes(tree) -> int:
@@ -125,10 +133,16 @@ def _run(model: Transformer, cfg: LlamaConfig, micro_batch: int, seq_len: int, t
     else:
         x = torch.randn(micro_batch, seq_len // tp if sp else seq_len, cfg.dim, dtype=dtype, requires_grad=True)
     targets = torch.zeros(micro_batch, seq_len, dtype=torch.long) if last else None
+    for p in model.parameters():  # gradients exist already, as the trainer's buckets do
+        p.grad = torch.zeros_like(p)
     comm.reset_traffic()
-    with mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa), _CountOps(work):
+    live = PeakTensorMemory()
+    with mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa), _CountOps(work), live:
         out = model(x, targets) if last else model(x)
-        (out if last else out.float().sum()).backward()
+        loss = out if last else out.float().sum()
+        work.saved_bytes = live.reset_peak()
+        loss.backward()
+    work.backward_bytes = live.peak - work.saved_bytes
     work.collectives.update({k: v for k, v in comm.CALLS.items() if k != "loss_all_reduce"})
     work.collective_bytes.update({k: v for k, v in comm.TRAFFIC.items() if k != "loss_all_reduce"})
     comm.reset_traffic()
@@ -137,21 +151,23 @@ def _run(model: Transformer, cfg: LlamaConfig, micro_batch: int, seq_len: int, t
 
 def profile(cfg: LlamaConfig, tp: int, sp: bool, recompute: str, micro_batch: int, seq_len: int,
             dtype: torch.dtype = torch.bfloat16, sp_keep_gathered: bool = False,
-            vocab_pad_multiple: int = 1) -> dict[str, Work]:
+            vocab_pad_multiple: int = 1, device: str = "cuda") -> dict[str, Work]:
     """{"layer": one transformer layer, "first": the first stage's extra (embedding),
-    "last": the last stage's extra (final norm, output layer, loss)}, per micro-batch and tp rank.
+    "last": the last stage's extra (final norm, output layer, loss)}, per micro-batch and tp rank,
+    as the model runs on `device` (the loss works through its logits in chunks sized per device).
     Needs no process group: it makes (and removes) a fake one of tp ranks."""
     return _profile(dataclasses.astuple(dataclasses.replace(cfg, n_layers=1)), tp, sp and tp > 1, recompute,
-                    micro_batch, seq_len, dtype, sp and sp_keep_gathered, vocab_pad_multiple)
+                    micro_batch, seq_len, dtype, sp and sp_keep_gathered, vocab_pad_multiple, device)
 
 
 @functools.lru_cache(maxsize=256)
 def _profile(cfg_fields: tuple, tp, sp, recompute, micro_batch, seq_len, dtype, sp_keep_gathered,
-             vocab_pad_multiple) -> dict[str, Work]:
+             vocab_pad_multiple, device) -> dict[str, Work]:
     from llama.fake_world import fake_world
     one = LlamaConfig(*cfg_fields)
     kw = dict(attention="sdpa", recompute=recompute, dtype=dtype, vocab_pad_multiple=vocab_pad_multiple)
-    with fake_world(tp, 0), torch.device("meta"):
+    chunk = {"meta": loss.CHUNK_ENTRIES.get(device, loss.DEFAULT_CHUNK_ENTRIES)}
+    with fake_world(tp, 0), torch.device("meta"), mock.patch.dict(loss.CHUNK_ENTRIES, chunk):
         topo = build_topology(tp, 1, 1)
         tpc = TensorParallel(topo.tp_group, sp=sp, keep_gathered=sp_keep_gathered)
 

@@ -42,8 +42,8 @@ class PipelineP2P:
         self.pp, self.pp_rank, self.ranks = topo.pp, topo.pp_rank, topo.pp_ranks
         self.ring = ring
         self.device = None
-        self.pending: list = []    # send handles, waited for in flush()
-        self.in_flight: list = []  # the tensors those sends read
+        # (send handle, the tensors it reads) of the last group, waited for in the next exchange or flush()
+        self.pending: list[tuple] = []
         self.header: list[int] | None = None
         self.wait_s = 0.0  # time spent blocked on receives (pipeline idle time)
 
@@ -83,25 +83,31 @@ class PipelineP2P:
     def exchange(self, sends, recvs) -> list:
         """Post one group: `sends` is [(tensor, pipeline rank, tag)], `recvs` [(pipeline rank,
         tag)]. Returns, per receive, `take()`: wait for that tensor and return it. Sends are
-        waited for in `flush()`, so computing goes on while a group is in flight."""
+        waited for in the next `exchange` or `flush()`, so computing goes on while a group is in flight."""
         expected = (list(self.header[:3]), DTYPES[self.header[3]])
-        ops = []
+        # Let go of what the earlier groups' sends read: held to the end of the step, a stage would
+        # keep every activation and gradient it sent (m·vpp of them; gigabytes at 65B). Waiting
+        # for them cannot deadlock: the lockstep plan posted each one's receive in the same step
+        # as the send, so the peer gets there without anything this group sends. They are
+        # normally done by now (gloo's send handles report completion only once waited for).
+        self.flush()
+        ops, sent = [], []
         for tensor, rank, tag in sends:
             if [list(tensor.shape), tensor.dtype] != list(expected):
                 raise PipelineMismatchError(f"stage {self.pp_rank} would send {list(tensor.shape)} {tensor.dtype}, "
                                             f"but the pipeline agreed on {expected[0]} {expected[1]}")
             tensor = tensor.detach().contiguous()
             comm._record("p2p", tensor)
-            self.in_flight.append(tensor)  # alive until sent
+            sent.append(tensor)
             ops.append(dist.P2POp(dist.isend, tensor, self.ranks[rank], self.group, tag))
         out = [torch.empty(self.header[:3], dtype=expected[1], device=self.device) for _ in recvs]
         ops += [dist.P2POp(dist.irecv, buf, self.ranks[rank], self.group, tag) for buf, (rank, tag) in zip(out, recvs)]
         works = dist.batch_isend_irecv(ops)
         if len(works) == len(ops):
-            self.pending += works[:len(sends)]
+            self.pending += [(w, [t]) for w, t in zip(works[:len(sends)], sent)]
             waits = [[w] for w in works[len(sends):]]
         else:  # NCCL coalesces a group into one handle
-            self.pending += works
+            self.pending += [(w, sent) for w in works]
             waits = [works for _ in recvs]
         return [self._taker(buf, ws) for buf, ws in zip(out, waits)]
 
@@ -115,9 +121,9 @@ class PipelineP2P:
         return take
 
     def flush(self) -> None:
-        """Wait for every send of the step."""
+        """Wait for every send posted so far (at the latest at the end of the step)."""
         start = time.perf_counter()
-        for work in self.pending:
+        for work, _ in self.pending:
             work.wait()
         self.wait_s += time.perf_counter() - start
-        self.pending, self.in_flight = [], []
+        self.pending = []
