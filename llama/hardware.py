@@ -268,7 +268,7 @@ def _collective_starter(op: str, nbytes: int, group, rank: int):
     return lambda: send_or_recv(full, 1 - rank, group).wait
 
 
-def measure_collectives(rank: int, group, rounds: int = 5, iters: int = 8) -> dict:
+def measure_collectives(rank: int, group, rounds: int = 9, iters: int = 6) -> dict:
     """What each collective adds to a process that computes between collectives, as training
     does: the time of (GEMM, then the collective waited for) and of (collective started, GEMM,
     waited for) less the GEMM's own, per call; the median over `rounds`. On a CPU this includes

@@ -133,8 +133,8 @@ def _run(model: Transformer, cfg: LlamaConfig, micro_batch: int, seq_len: int, t
     else:
         x = torch.randn(micro_batch, seq_len // tp if sp else seq_len, cfg.dim, dtype=dtype, requires_grad=True)
     targets = torch.zeros(micro_batch, seq_len, dtype=torch.long) if last else None
-    for p in model.parameters():  # gradients exist already, as the trainer's buckets do
-        p.grad = torch.zeros_like(p)
+    for p in model.parameters():  # the trainer's buckets take each gradient as it comes (counted apart)
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     comm.reset_traffic()
     live = PeakTensorMemory()
     with mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa), _CountOps(work), live:
