@@ -17,7 +17,7 @@ import torch
 from llama import formats
 from llama.config import LlamaConfig
 from llama.inputs import read_json
-from parallel.checkpoint import FORMAT, CheckpointError, read_meta
+from parallel.checkpoint import FORMAT, VERSION, CheckpointError, read_meta, resolve_checkpoint, stage_files
 from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile, TensorFileError
 
 FORMATS = ("native", "meta", "hf")
@@ -37,12 +37,10 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, source: str) -> torch.
 class NativeReader:
     def __init__(self, path):
         self.meta = read_meta(path)
-        from parallel.checkpoint import resolve_checkpoint
         directory = resolve_checkpoint(path)
         self.cfg = LlamaConfig(**self.meta["config"]["model"])
         self.files = {}
-        for f in sorted(directory.glob("model-*.safetensors")):
-            tf = TensorFile(f)
+        for tf in stage_files(directory, self.meta, "model"):  # names a missing stage file; verifies checksums
             self.files.update({n: tf for n in tf.names})
         self.source = str(directory)
 
@@ -161,7 +159,7 @@ def write_native(reader, out: Path) -> None:
         writer.write(n, reader.tensor(n, s).to(dtype))
     writer.close()
     (out / "model-pp000.safetensors.tmp").replace(out / "model-pp000.safetensors")
-    meta = {"format": FORMAT, "version": 1, "step": 0, "consumed_samples": 0, "adam_step": 0,
+    meta = {"format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0, "adam_step": 0,
             "layout": {"tp": 1, "pp": 1, "dp": 1, "distributed_optimizer": False},
             "config": {"model": asdict(reader.cfg)}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -1,7 +1,7 @@
 """Layout-free checkpoints: every tensor is saved as its logical (whole, unpadded) tensor under
 its global name, so any (tp, pp, dp, distributed optimizer or not) can load what any other saved.
 
-    ROOT/step_000100/meta.json                  step, config, data state, layout, Adam step
+    ROOT/step_000100/meta.json                  format version, step, config, data state, layout, Adam step
     ROOT/step_000100/model-pp000.safetensors    the parameters of pipeline stage 0 …
     ROOT/step_000100/optim-pp000.safetensors    their fp32 master weights and Adam moments
     ROOT/step_000100/rng/rank00000.pt           each rank's RNG state (used on the same layout)
@@ -10,8 +10,14 @@ its global name, so any (tp, pp, dp, distributed optimizer or not) can load what
 Saving: a stage's tensors are gathered over tp (and over dp for the sharded optimizer state)
 one at a time and streamed to disk by that stage's rank with tp rank 0 and dp rank 0; all is
 written into `step_N.tmp/`, renamed when complete, and `latest` is replaced last, so a process
-killed while writing leaves the previous checkpoint in charge. The last `keep` are kept.
-Loading reads each rank's slice straight from the files (safetensors: never unpickled).
+killed while writing leaves the previous checkpoint in charge. A rank that cannot write (a full
+disk, a directory it may not create) keeps taking part in the gathers, and every rank learns of
+it before anything is renamed: all of them raise, and `latest` stays where it was. The last
+`keep` are kept.
+
+Loading reads each rank's slice straight from the files (safetensors: never unpickled). Format
+version 2 adds a CRC-32 per tensor inside every file (`parallel.tensor_files`); version 1
+checkpoints load unverified.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from parallel.params import full_tensor
 from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile, TensorFileError
 
 FORMAT = "llama-parallel-checkpoint"
+VERSION = 2  # 1: no checksums; 2: every tensor file carries a CRC-32 per tensor
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +51,19 @@ def _barrier(topo) -> None:
             dist.barrier()
 
 
+def _device(modules) -> torch.device:
+    return next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+
+
+def _all_succeeded(ok: bool, topo, device) -> bool:
+    """Whether every rank says ok: one all-reduce of a flag, so a failure on one rank reaches all."""
+    if topo is None or topo.world == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    comm.all_reduce(flag, topo.world_group, op=dist.ReduceOp.MIN, name="checkpoint_agreement")
+    return flag.item() == 1.0
+
+
 def _named_params(modules):
     return [(n, p) for m in modules for n, p in m.named_parameters()]
 
@@ -54,57 +74,122 @@ def _bucket_layout(optimizer, modules):
     return [[(names[id(p)], p, off) for p, off in zip(b.params, b.offsets)] for b in optimizer.buckets.buckets]
 
 
+class _Attempt:
+    """This rank's part of a save: its first file error is kept and its later file operations
+    are skipped, while the caller goes on joining every gather, so no peer waits for it."""
+
+    def __init__(self):
+        self.error: Exception | None = None
+
+    def __call__(self, fn, *args):
+        if self.error is None:
+            try:
+                return fn(*args)
+            except (OSError, TensorFileError, CheckpointError) as err:
+                self.error = err
+        return None
+
+
+class _Save:
+    """Where a save writes, and the one line every rank raises if any rank could not."""
+
+    def __init__(self, root: Path, step: int, topo, device):
+        self.root, self.name, self.topo, self.device = root, f"step_{step:06d}", topo, device
+        self.tmp, self.final = root / f"{self.name}.tmp", root / self.name
+        self.attempt = _Attempt()
+
+    def agree(self) -> None:
+        """Every rank has done its part; all raise if any failed (nothing has been renamed yet,
+        or the rename is complete and only its aftermath failed: `latest` is then still right)."""
+        _barrier(self.topo)
+        if _all_succeeded(self.attempt.error is None, self.topo, self.device):
+            return
+        if self.topo.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # the partial files: a full disk wants its space back
+        try:
+            previous = (self.root / "latest").read_text().strip() or None
+        except OSError:
+            previous = None
+        kept = f"'latest' still names {previous}" if previous else "no earlier checkpoint is affected"
+        err = self.attempt.error
+        why = f"{err}" if err is not None else "another rank could not write its part (its error says why)"
+        raise CheckpointError(f"cannot save checkpoint {self.name} in {str(self.root)!r}: {why}; {kept}")
+
+
 def save_checkpoint(root, step: int, modules, optimizer, topo, meta: dict, keep: int = 3) -> Path:
-    """Every rank calls this. Returns the checkpoint directory."""
-    root = Path(root)
-    name = f"step_{step:06d}"
-    tmp, final = root / f"{name}.tmp", root / name
+    """Every rank calls this. Returns the checkpoint directory. Raises CheckpointError on every
+    rank if any rank could not write its part; the previous checkpoint then stays in charge."""
+    save = _Save(Path(root), step, topo, _device(modules))
+    attempt, tmp = save.attempt, save.tmp
     if topo.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    _barrier(topo)
+        attempt(_fresh_directory, tmp)
+    save.agree()
     writer = topo.tp_rank == 0 and topo.dp_rank == 0
     params = _named_params(modules)
     model_file = None
     if writer:
-        model_file = StreamingSafetensorsWriter(tmp / f"model-pp{topo.pp_rank:03d}.safetensors",
-                                                [(n, p.dtype, p.logical_shape) for n, p in params])
+        model_file = attempt(StreamingSafetensorsWriter, tmp / f"model-pp{topo.pp_rank:03d}.safetensors",
+                             [(n, p.dtype, p.logical_shape) for n, p in params])
     for n, p in params:  # the same order on every tp rank: each full_tensor is one all-gather
         full = full_tensor(p.detach(), p, topo.tp_group)
-        if writer:
-            model_file.write(n, full)
-    if writer:
-        model_file.close()
+        if model_file is not None:
+            attempt(model_file.write, n, full)
+    if model_file is not None:
+        attempt(model_file.close)
     if optimizer is not None:
-        _save_optimizer(tmp, optimizer, _bucket_layout(optimizer, modules), topo, writer)
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)},
-               tmp / "rng" / f"rank{topo.rank:05d}.pt")
-    _barrier(topo)
+        _save_optimizer(tmp, optimizer, _bucket_layout(optimizer, modules), topo, writer, attempt)
+    attempt(_save_rng, tmp / "rng" / f"rank{topo.rank:05d}.pt")
+    save.agree()
     if topo.rank == 0:
-        record = {"format": FORMAT, "version": 1, "step": step,
+        record = {"format": FORMAT, "version": VERSION, "step": step,
                   "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
                              "distributed_optimizer": bool(optimizer and optimizer.distributed)},
                   "adam_step": optimizer.adam_step if optimizer is not None else 0, **meta}
-        (tmp / "meta.json").write_text(json.dumps(record, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / "latest")  # last: the checkpoint is complete
-        for old in sorted(root.glob("step_*[0-9]"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(topo)
-    return final
+        attempt(_publish, save, record, keep)
+    save.agree()
+    return save.final
 
 
-def _save_optimizer(tmp: Path, optimizer, layout, topo, writer: bool) -> None:
+def _fresh_directory(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    (tmp / "rng").mkdir(parents=True)
+
+
+def _save_rng(path: Path) -> None:
+    state = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
+    try:
+        torch.save(state, path)
+    except RuntimeError as err:  # torch's zip writer names neither the file nor the cause's errno
+        raise CheckpointError(f"cannot write {str(path)!r}: {err}") from None
+
+
+def _publish(save: _Save, record: dict, keep: int) -> None:
+    """meta.json, then the directory renamed into place, then `latest`: each step leaves `latest`
+    naming a complete checkpoint. A checkpoint of the same step saved before is moved aside, not
+    deleted, until the new one has its name."""
+    root, tmp, final = save.root, save.tmp, save.final
+    (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+    aside = root / f"{save.name}.old"
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    latest_tmp = root / "latest.tmp"
+    latest_tmp.write_text(save.name + "\n")
+    os.replace(latest_tmp, root / "latest")  # last: the checkpoint is complete
+    shutil.rmtree(aside, ignore_errors=True)
+    for old in sorted(root.glob("step_*[0-9]"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_optimizer(tmp: Path, optimizer, layout, topo, writer: bool, attempt: _Attempt) -> None:
     keys = optimizer.STATE_KEYS
     out = None
     if writer:
-        out = StreamingSafetensorsWriter(tmp / f"optim-pp{topo.pp_rank:03d}.safetensors",
-                                         [(f"{n}.{k}", torch.float32, p.logical_shape) for rows in layout
-                                          for n, p, _ in rows for k in keys])
+        out = attempt(StreamingSafetensorsWriter, tmp / f"optim-pp{topo.pp_rank:03d}.safetensors",
+                      [(f"{n}.{k}", torch.float32, p.logical_shape) for rows in layout for n, p, _ in rows
+                       for k in keys])
     for i, bucket in enumerate(optimizer.buckets.buckets):
         state = optimizer.bucket_state(i)
         if optimizer.distributed:  # each dp rank holds a slice of the bucket: gather the whole bucket
@@ -113,10 +198,10 @@ def _save_optimizer(tmp: Path, optimizer, layout, topo, writer: bool) -> None:
             for k in keys:
                 local = state[k][off:off + p.numel()].view(p.shape)
                 full = full_tensor(local, p, topo.tp_group)
-                if writer:
-                    out.write(f"{n}.{k}", full)
-    if writer:
-        out.close()
+                if out is not None:
+                    attempt(out.write, f"{n}.{k}", full)
+    if out is not None:
+        attempt(out.close)
 
 
 def _gather_bucket(shard: torch.Tensor, numel: int, group) -> torch.Tensor:
@@ -138,33 +223,76 @@ def resolve_checkpoint(path) -> Path:
 
 
 def read_meta(path) -> dict:
-    path = resolve_checkpoint(path)
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path / 'meta.json')!r} is not a {FORMAT} (format={meta.get('format')!r})")
+    """meta.json, checked: our format, a version this code reads (any up to VERSION), a layout."""
+    file = resolve_checkpoint(path) / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(file)!r} cannot be read as JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{str(file)!r} is not a {FORMAT} (format={got!r})")
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{str(file)!r}: version={version!r} is not a format version (an integer >= 1)")
+    if version > VERSION:
+        raise CheckpointError(f"{str(file)!r}: format version {version} is newer than this code reads (versions "
+                              f"1 to {VERSION}); upgrade llama-parallel to load it")
+    layout = meta.get("layout")
+    pp = layout.get("pp") if isinstance(layout, dict) else None
+    if not isinstance(pp, int) or pp < 1:
+        raise CheckpointError(f"{str(file)!r}: layout.pp={pp!r} is not a pipeline size (an integer >= 1)")
     return meta
 
 
-class _Index:
-    """Which file holds which tensor, over every `PREFIX-*.safetensors` of a checkpoint."""
+def stage_files(directory, meta: dict, prefix: str, verify: bool = True) -> list[TensorFile]:
+    """The `PREFIX-ppNNN.safetensors` of every pipeline stage the checkpoint was saved with,
+    opened (headers only). A file that is not there is named as a missing file; from version 2
+    on, a file without checksums is refused (it was replaced, or its header damaged)."""
+    directory, pp = Path(directory), meta["layout"]["pp"]
+    files = []
+    for stage in range(pp):
+        path = directory / f"{prefix}-pp{stage:03d}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} is missing: a checkpoint saved at pp={pp} has one {prefix} file "
+                                  f"per stage, {prefix}-pp000 to {prefix}-pp{pp - 1:03d}")
+        tf = TensorFile(path, verify=verify)
+        if meta["version"] >= 2 and not tf.has_checksums:
+            raise CheckpointError(f"tensor file {str(path)!r} has no checksums, which format version "
+                                  f"{meta['version']} writes into every file: it was replaced or its header damaged")
+        files.append(tf)
+    return files
 
-    def __init__(self, directory: Path, prefix: str):
-        self.files = {}
-        for f in sorted(directory.glob(f"{prefix}-*.safetensors")):
-            tf = TensorFile(f)
-            for name in tf.names:
-                self.files[name] = tf
-        if not self.files:
-            raise CheckpointError(f"checkpoint {str(directory)!r} has no {prefix}-*.safetensors")
+
+class _Index:
+    """Which file holds which tensor, over one kind (model or optim) of a checkpoint's files."""
+
+    def __init__(self, files: list[TensorFile]):
+        self.files = {name: tf for tf in files for name in tf.names}
+
+    def check(self, tensors: list[tuple[str, torch.Tensor]], verify: bool, missing=None) -> None:
+        """Every (name, param) is here with the param's logical shape; `verify`: its checksum too.
+        `missing(names)`: the error for absent names (default: the first one named)."""
+        absent = [name for name, _ in tensors if name not in self.files]
+        if absent:
+            raise missing(absent) if missing else CheckpointError(f"checkpoint has no tensor {absent[0]!r}")
+        for name, param in tensors:
+            self._check_shape(name, param)
+        for name, _ in tensors if verify else []:
+            self.files[name].verify(name)
+
+    def _check_shape(self, name: str, param: torch.Tensor) -> None:
+        tf = self.files[name]
+        if tf.shape(name) != tuple(param.logical_shape):
+            raise CheckpointError(f"{str(tf.path)!r}: {name} has shape {tf.shape(name)}, the model expects "
+                                  f"{tuple(param.logical_shape)}")
 
     def local(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the logical tensor `name`, for `param`'s sharding."""
         if name not in self.files:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
+        self._check_shape(name, param)
         tf = self.files[name]
-        if tf.shape(name) != tuple(param.logical_shape):
-            raise CheckpointError(f"{str(tf.path)!r}: {name} has shape {tf.shape(name)}, the model expects "
-                                  f"{tuple(param.logical_shape)}")
         try:
             if param.tp_dim is None:
                 return tf.get(name)
@@ -186,51 +314,85 @@ class _Index:
 def load_checkpoint(path, modules, optimizer, topo, weights_only: bool = False) -> dict:
     """Load a checkpoint saved at any layout into this rank's modules (and optimizer). Returns
     its meta.json. `weights_only` skips optimizer state and RNG (fine-tuning, evaluation); then
-    `topo` may be None. With a topology, every rank fails if any rank cannot load (a stage whose
-    tensors are missing, say), instead of the others waiting in their first collective."""
-    if topo is None or topo.world == 1:
-        return _load(path, modules, optimizer, topo, weights_only)
+    `topo` may be None. Otherwise, with an optimizer, the checkpoint must hold the optimizer
+    state of every parameter (a resume never silently starts Adam afresh).
+
+    Everything that can be wrong with the files (missing, foreign, truncated, damaged, a tensor
+    missing or of another shape) is found before anything is loaded; with a topology every rank
+    then fails if any rank found something, instead of the others waiting in a collective of the
+    loading (the distributed optimizer's gathers) or of the first step."""
     try:
-        meta, error = _load(path, modules, optimizer, topo, weights_only), None
+        plan, error = _Plan(path, modules, optimizer, topo, weights_only), None
     except (CheckpointError, TensorFileError) as err:
-        meta, error = None, err
-    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
-    ok = torch.tensor([0.0 if error else 1.0], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=topo.world_group)
+        plan, error = None, err
+    ok = _all_succeeded(error is None, topo, _device(modules))
     if error is not None:
         raise error
-    if ok.item() == 0:
+    if not ok:
         raise CheckpointError("another rank could not load the checkpoint (its error says why)")
-    return meta
+    return plan.load(modules, optimizer, topo, weights_only)
 
 
-def _load(path, modules, optimizer, topo, weights_only: bool) -> dict:
-    path = resolve_checkpoint(path)
-    meta = read_meta(path)
-    index = _Index(path, "model")
-    with torch.no_grad():
-        for name, p in _named_params(modules):
-            p.copy_(index.local(name, p).to(p.dtype))
-    if optimizer is not None:
-        if weights_only or not list(path.glob("optim-*.safetensors")):
-            optimizer.masters_from_params()
-        else:
-            _load_optimizer(path, optimizer, _bucket_layout(optimizer, modules), meta["adam_step"])
-    if weights_only or topo is None:
-        return meta
-    same_layout = meta["layout"] == {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
-                                     "distributed_optimizer": bool(optimizer and optimizer.distributed)}
-    rng = path / "rng" / f"rank{topo.rank:05d}.pt"
-    if same_layout and rng.is_file():
-        state = torch.load(rng, weights_only=True)
-        torch.set_rng_state(state["cpu"])
-        if torch.cuda.is_available() and state["cuda"].numel():
-            torch.cuda.set_rng_state(state["cuda"])
-    return meta
+class _Plan:
+    """What this rank will read, checked: meta.json, the stage files (present, intact, with
+    checksums where the version has them), every tensor this rank needs (present, of the model's
+    shape) and, for a resume, every parameter's optimizer state.
+
+    Checksums: a stage's writer rank (tp 0, dp 0) verifies every tensor its stage reads,
+    optimizer state included, here, before the agreement; the other ranks read only their slices
+    (not every tensor tp × dp times over) and learn of damage from the agreement. A process alone
+    (no topology, or a world of one) verifies each tensor as it reads it, reading it only once."""
+
+    def __init__(self, path, modules, optimizer, topo, weights_only: bool):
+        self.path = resolve_checkpoint(path)
+        self.meta = read_meta(self.path)
+        verifier = topo is None or (topo.tp_rank == 0 and topo.dp_rank == 0)
+        early = verifier and topo is not None and topo.world > 1  # loading has collectives: verify first
+        params = _named_params(modules)
+        self.model = _Index(stage_files(self.path, self.meta, "model", verifier))
+        self.model.check(params, early)
+        self.optim = None
+        if optimizer is not None and not weights_only:
+            self.optim = _optimizer_index(self.path, self.meta, verifier)
+            self.optim.check([(f"{n}.{k}", p) for n, p in params for k in optimizer.STATE_KEYS], early,
+                             missing=self._missing_state)
+
+    def _missing_state(self, names: list[str]) -> CheckpointError:
+        return CheckpointError(f"checkpoint {str(self.path)!r} lacks the optimizer state of {len(names)} tensors (the "
+                               f"first: {names[0]!r}): --resume needs all of it; --init-from loads the weights alone")
+
+    def load(self, modules, optimizer, topo, weights_only: bool) -> dict:
+        with torch.no_grad():
+            for name, p in _named_params(modules):
+                p.copy_(self.model.local(name, p).to(p.dtype))
+        if optimizer is not None:
+            if self.optim is not None:
+                _load_optimizer(self.optim, optimizer, _bucket_layout(optimizer, modules), self.meta["adam_step"])
+            else:
+                optimizer.masters_from_params()
+        if weights_only or topo is None:
+            return self.meta
+        same_layout = self.meta["layout"] == {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
+                                              "distributed_optimizer": bool(optimizer and optimizer.distributed)}
+        rng = self.path / "rng" / f"rank{topo.rank:05d}.pt"
+        if same_layout and rng.is_file():
+            state = torch.load(rng, weights_only=True)
+            torch.set_rng_state(state["cpu"])
+            if torch.cuda.is_available() and state["cuda"].numel():
+                torch.cuda.set_rng_state(state["cuda"])
+        return self.meta
 
 
-def _load_optimizer(path: Path, optimizer, layout, adam_step: int) -> None:
-    index = _Index(path, "optim")
+def _optimizer_index(path: Path, meta: dict, verify: bool) -> _Index:
+    """The optimizer files a resume needs (headers only), or a CheckpointError saying they are not there."""
+    if not any(path.glob("optim-pp*.safetensors")):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer state (no optim-pp*.safetensors: saved "
+                              "without an optimizer, or converted): --resume needs it; --init-from loads the weights "
+                              "alone, with a fresh optimizer")
+    return _Index(stage_files(path, meta, "optim", verify))
+
+
+def _load_optimizer(index: _Index, optimizer, layout, adam_step: int) -> None:
     for i, (lo, hi) in enumerate(optimizer.ranges):
         flat = {k: torch.zeros(hi - lo, dtype=torch.float32, device=optimizer.masters[i].device)
                 for k in optimizer.STATE_KEYS}
@@ -242,4 +404,3 @@ def _load_optimizer(path: Path, optimizer, layout, adam_step: int) -> None:
                 local = index.local(f"{n}.{k}", p).reshape(-1)
                 flat[k][start - lo:end - lo] = local[start - off:end - off]
         optimizer.load_bucket_state(i, flat, adam_step)
-

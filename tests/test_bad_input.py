@@ -16,6 +16,7 @@ from llama import convert_cli, evaluate, generate, train
 from llama.cli import HelpFormatter
 from llama.config import LlamaConfig, load_config
 from llama.model import check_tensor_parallel
+from tests.damage import flip_byte
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=600, multiple_of=16, max_seq_len=64)
@@ -69,7 +70,35 @@ def files(tmp_path_factory):
     torch.save({"tok_embeddings.weight": torch.zeros(8, 4)}, d / "meta" / "consolidated.00.pth")
     (d / "meta" / "params.json").write_text('{"dim": 32,')
     (d / "broken.yaml").write_text("train:\n  lr: [1,\n")
+    for name in ("flipped", "newer", "missing"):  # a damaged tensor, a future format, a deleted file
+        shutil.copytree(weights.parent, d / f"{name}-ckpt")
+    flip_byte(d / "flipped-ckpt" / "model-pp000.safetensors", "layers.1.feed_forward.w2.weight")
+    meta = json.loads((d / "newer-ckpt" / "meta.json").read_text())
+    (d / "newer-ckpt" / "meta.json").write_text(json.dumps({**meta, "version": 99}))
+    (d / "missing-ckpt" / "model-pp000.safetensors").unlink()
     return {"d": str(d), "tok": str(tok), "ckpt": str(d / "ckpt"), "long": "word " * 100}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def short_demo_corpus():
+    """llama-train's byte-level demo corpus cut to 40 kB for the rows that train (the default 600 kB
+    takes seconds to build a run)."""
+    from llama.demo_corpus import prose_text
+    text = prose_text(max_bytes=40_000)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "prose_text", lambda max_bytes: text)
+        yield
+
+
+def T(*args):  # llama-train with the model of the good checkpoint, on byte-level demo data, plus args
+    return ["--no-progress", "--steps", "1", "--set", "model.dim=32", "--set", "model.n_layers=2",
+            "--set", "model.n_heads=4", "--set", "model.vocab_size=600", "--set", "model.multiple_of=16",
+            "--set", "model.max_seq_len=64", "--set", "data.sources=[]", "--set", "data.tokenizer=''",
+            "--set", "train.seq_len=32", "--set", "train.global_batch=2", "--set", "train.micro_batch=1", *args]
+
+
+CHECKSUM = "model-pp000.safetensors': tensor 'layers.1.feed_forward.w2.weight' fails its checksum"
+NEWER = "format version 99 is newer than this code reads (versions 1 to 2)"
 
 
 def G(*args):  # llama-generate on the good checkpoint and tokenizer, plus args
@@ -147,6 +176,22 @@ CASES = [
      "world size 2048 is not divisible by tp*pp=8*3"),
     ("llama-train", ["--tp", "8", "--dry-run", "--world-size", "8"], "n_heads=4 is not divisible by tp=8"),
     ("llama-train", ["--dry-run", "--world-size", "0"], "argument --world-size: 0 must be >= 1"),
+    # damaged checkpoints (issue 17): the file and the tensor named, by every command that reads one
+    ("llama-generate", ["--checkpoint", "{d}/flipped-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"], CHECKSUM),
+    ("llama-eval", ["--checkpoint", "{d}/flipped-ckpt", "--tokenizer", "{tok}", "--task", "{d}/mc.jsonl"], CHECKSUM),
+    ("llama-convert", C("native", "{d}/flipped-ckpt"), CHECKSUM),
+    ("llama-train", T("--init-from", "{d}/flipped-ckpt"), CHECKSUM),
+    ("llama-train", T("--resume", "{ckpt}"), "has no optimizer state (no optim-pp*.safetensors"),
+    ("llama-generate", ["--checkpoint", "{d}/newer-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"], NEWER),
+    ("llama-convert", C("native", "{d}/newer-ckpt"), NEWER),
+    ("llama-train", T("--init-from", "{d}/newer-ckpt"), NEWER),
+    ("llama-generate", ["--checkpoint", "{d}/missing-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"],
+     "model-pp000.safetensors' is missing: a checkpoint saved at pp=1 has one model file per stage"),
+    ("llama-convert", C("native", "{d}/missing-ckpt"), "model-pp000.safetensors' is missing"),
+    ("llama-generate", ["--checkpoint", "{d}/hf", "--tokenizer", "{tok}", "--prompt", "hi"],
+     "hf' is not a checkpoint (no meta.json, no 'latest')"),
+    ("llama-train", T("--init-from", "{d}/meta"), "meta' is not a checkpoint (no meta.json, no 'latest')"),
+    ("llama-train", T("--save", "{d}/tiny.txt/ckpt"), "cannot save checkpoint step_000001 in"),
 ]
 # rows run again as real processes (`python -m llama.X`, `python tools/X.py`): what a user sees
 SUBPROCESS = [c for c in CASES if c[2] in ("model-pp000.safetensors' is truncated or corrupted",
