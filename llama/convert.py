@@ -17,7 +17,15 @@ import torch
 from llama import formats
 from llama.config import LlamaConfig
 from llama.inputs import read_json
-from parallel.checkpoint import FORMAT, VERSION, CheckpointError, read_meta, resolve_checkpoint, stage_files
+from parallel.checkpoint import (
+    FORMAT,
+    LOGICAL_FILES_VERSION,
+    CheckpointError,
+    read_meta,
+    resolve_checkpoint,
+    stage_files,
+)
+from parallel.checkpoint_pieces import PieceIndex
 from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile, TensorFileError
 
 FORMATS = ("native", "meta", "hf")
@@ -39,20 +47,27 @@ class NativeReader:
         self.meta = read_meta(path)
         directory = resolve_checkpoint(path)
         self.cfg = LlamaConfig(**self.meta["config"]["model"])
-        self.files = {}
-        for tf in stage_files(directory, self.meta, "model"):  # names a missing stage file; verifies checksums
-            self.files.update({n: tf for n in tf.names})
+        self.files, self.pieces = {}, None
+        if self.meta["version"] >= 3:  # pieces written by every rank: assembled per tensor
+            self.pieces = PieceIndex.open(directory)
+        else:
+            for tf in stage_files(directory, self.meta, "model"):  # names a missing stage file; verifies checksums
+                self.files.update({n: tf for n in tf.names})
         self.source = str(directory)
 
+    def _has(self, name: str) -> bool:
+        if name in (self.pieces if self.pieces is not None else self.files):
+            return True
+        raise ConversionError(f"{self.source}: no tensor {name!r}")
+
     def dtype(self, name: str) -> torch.dtype:
-        if name not in self.files:
-            raise ConversionError(f"{self.source}: no tensor {name!r}")
-        return self.files[name].dtype(name)
+        self._has(name)
+        return self.pieces.dtype(name) if self.pieces is not None else self.files[name].dtype(name)
 
     def tensor(self, name: str, shape) -> torch.Tensor:
-        if name not in self.files:
-            raise ConversionError(f"{self.source}: no tensor {name!r}")
-        return _check(name, self.files[name].get(name), shape, self.source)
+        self._has(name)
+        t = self.pieces.logical(name) if self.pieces is not None else self.files[name].get(name)
+        return _check(name, t, shape, self.source)
 
 
 class MetaReader:
@@ -159,7 +174,7 @@ def write_native(reader, out: Path) -> None:
         writer.write(n, reader.tensor(n, s).to(dtype))
     writer.close()
     (out / "model-pp000.safetensors.tmp").replace(out / "model-pp000.safetensors")
-    meta = {"format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0, "adam_step": 0,
+    meta = {"format": FORMAT, "version": LOGICAL_FILES_VERSION, "step": 0, "consumed_samples": 0, "adam_step": 0,
             "layout": {"tp": 1, "pp": 1, "dp": 1, "distributed_optimizer": False},
             "config": {"model": asdict(reader.cfg)}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

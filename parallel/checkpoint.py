@@ -1,23 +1,26 @@
-"""Layout-free checkpoints: every tensor is saved as its logical (whole, unpadded) tensor under
-its global name, so any (tp, pp, dp, distributed optimizer or not) can load what any other saved.
+"""Layout-free checkpoints, written by every rank: each tensor (a parameter, its fp32 master
+weight or Adam moment) is saved as pieces of its logical (whole, unpadded) tensor under its global
+name, so any (tp, pp, dp, distributed optimizer or not) can load what any other saved.
 
-    ROOT/step_000100/meta.json                  format version, step, config, data state, layout, Adam step
-    ROOT/step_000100/model-pp000.safetensors    the parameters of pipeline stage 0 …
-    ROOT/step_000100/optim-pp000.safetensors    their fp32 master weights and Adam moments
-    ROOT/step_000100/rng/rank00000.pt           each rank's RNG state (used on the same layout)
-    ROOT/latest                                 the name of the newest complete checkpoint
+    ROOT/step_000100/meta.json                    format version, step, config, data state, layout, Adam step
+    ROOT/step_000100/index.json                   every piece of every tensor: tp shard, element range, file
+    ROOT/step_000100/shards/rank00000.safetensors what rank 0 wrote …
+    ROOT/step_000100/rng/rank00000.pt             each rank's RNG state (used on the same layout)
+    ROOT/latest                                   the name of the newest complete checkpoint
 
-Saving: a stage's tensors are gathered over tp (and over dp for the sharded optimizer state)
-one at a time and streamed to disk by that stage's rank with tp rank 0 and dp rank 0; all is
-written into `step_N.tmp/`, renamed when complete, and `latest` is replaced last, so a process
-killed while writing leaves the previous checkpoint in charge. A rank that cannot write (a full
-disk, a directory it may not create) keeps taking part in the gathers, and every rank learns of
-it before anything is renamed: all of them raise, and `latest` stays where it was. The last
-`keep` are kept.
+Saving: every rank writes only what it holds, split with the other ranks that hold the same
+(`parallel.checkpoint_pieces`): about 1/world of the bytes each, no gathers. All is written into
+`step_N.tmp/`, renamed when complete, and `latest` is replaced last, so a process killed while
+writing leaves the previous checkpoint in charge. A rank that cannot write (a full disk, a
+directory it may not create) keeps taking part in the collectives, and every rank learns of it
+before anything is renamed: all of them raise, and `latest` stays where it was. The last `keep`
+are kept.
 
-Loading reads each rank's slice straight from the files (safetensors: never unpickled). Format
-version 2 adds a CRC-32 per tensor inside every file (`parallel.tensor_files`); version 1
-checkpoints load unverified.
+Loading reads each rank's slice straight from the pieces that overlap it (safetensors: never
+unpickled). Format versions: 1, one file of whole logical tensors per stage and kind
+(model-ppNNN, optim-ppNNN); 2, the same with a CRC-32 per tensor inside every file
+(`parallel.tensor_files`); 3, pieces written by every rank, with checksums. All three load;
+version 1 unverified.
 """
 from __future__ import annotations
 
@@ -30,15 +33,12 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
-from parallel.params import full_tensor
-from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile, TensorFileError
+from parallel.checkpoint_pieces import INDEX, CheckpointError, PieceIndex, gather_index, my_pieces, write_pieces
+from parallel.tensor_files import TensorFile, TensorFileError
 
 FORMAT = "llama-parallel-checkpoint"
-VERSION = 2  # 1: no checksums; 2: every tensor file carries a CRC-32 per tensor
-
-
-class CheckpointError(RuntimeError):
-    pass
+VERSION = 3  # 1: whole logical tensors per stage; 2: with a CRC-32 per tensor; 3: pieces from every rank
+LOGICAL_FILES_VERSION = 2  # what llama-convert's native output (one process, whole tensors) is
 
 
 def _barrier(topo) -> None:
@@ -124,20 +124,11 @@ def save_checkpoint(root, step: int, modules, optimizer, topo, meta: dict, keep:
     if topo.rank == 0:
         attempt(_fresh_directory, tmp)
     save.agree()
-    writer = topo.tp_rank == 0 and topo.dp_rank == 0
-    params = _named_params(modules)
-    model_file = None
-    if writer:
-        model_file = attempt(StreamingSafetensorsWriter, tmp / f"model-pp{topo.pp_rank:03d}.safetensors",
-                             [(n, p.dtype, p.logical_shape) for n, p in params])
-    for n, p in params:  # the same order on every tp rank: each full_tensor is one all-gather
-        full = full_tensor(p.detach(), p, topo.tp_group)
-        if model_file is not None:
-            attempt(model_file.write, n, full)
-    if model_file is not None:
-        attempt(model_file.close)
-    if optimizer is not None:
-        _save_optimizer(tmp, optimizer, _bucket_layout(optimizer, modules), topo, writer, attempt)
+    pieces = my_pieces(modules, topo, optimizer)
+    attempt(write_pieces, tmp, topo.rank, pieces)
+    index = gather_index([pc for pc, _ in pieces], topo)
+    if topo.rank == 0:
+        attempt((tmp / INDEX).write_text, json.dumps(index))
     attempt(_save_rng, tmp / "rng" / f"rank{topo.rank:05d}.pt")
     save.agree()
     if topo.rank == 0:
@@ -181,35 +172,6 @@ def _publish(save: _Save, record: dict, keep: int) -> None:
     shutil.rmtree(aside, ignore_errors=True)
     for old in sorted(root.glob("step_*[0-9]"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_optimizer(tmp: Path, optimizer, layout, topo, writer: bool, attempt: _Attempt) -> None:
-    keys = optimizer.STATE_KEYS
-    out = None
-    if writer:
-        out = attempt(StreamingSafetensorsWriter, tmp / f"optim-pp{topo.pp_rank:03d}.safetensors",
-                      [(f"{n}.{k}", torch.float32, p.logical_shape) for rows in layout for n, p, _ in rows
-                       for k in keys])
-    for i, bucket in enumerate(optimizer.buckets.buckets):
-        state = optimizer.bucket_state(i)
-        if optimizer.distributed:  # each dp rank holds a slice of the bucket: gather the whole bucket
-            state = {k: _gather_bucket(v, bucket.numel, optimizer.buckets.dp_group) for k, v in state.items()}
-        for n, p, off in layout[i]:
-            for k in keys:
-                local = state[k][off:off + p.numel()].view(p.shape)
-                full = full_tensor(local, p, topo.tp_group)
-                if out is not None:
-                    attempt(out.write, f"{n}.{k}", full)
-    if out is not None:
-        attempt(out.close)
-
-
-def _gather_bucket(shard: torch.Tensor, numel: int, group) -> torch.Tensor:
-    if comm.group_size(group) == 1:
-        return shard
-    whole = torch.empty(numel, dtype=shard.dtype, device=shard.device)
-    comm.all_gather_into(whole, shard, group)
-    return whole
 
 
 def resolve_checkpoint(path) -> Path:
@@ -349,11 +311,17 @@ class _Plan:
         verifier = topo is None or (topo.tp_rank == 0 and topo.dp_rank == 0)
         early = verifier and topo is not None and topo.world > 1  # loading has collectives: verify first
         params = _named_params(modules)
-        self.model = _Index(stage_files(self.path, self.meta, "model", verifier))
+        pieces = self.meta["version"] >= 3
+        self.model = PieceIndex.open(self.path, verifier) if pieces else \
+            _Index(stage_files(self.path, self.meta, "model", verifier))
         self.model.check(params, early)
         self.optim = None
         if optimizer is not None and not weights_only:
-            self.optim = _optimizer_index(self.path, self.meta, verifier)
+            self.optim = _optimizer_index(self.path, self.meta, verifier) if not pieces else self.model
+            if pieces and not any(name.endswith(".exp_avg") for name in self.model.tensors):
+                raise CheckpointError(f"checkpoint {str(self.path)!r} has no optimizer state (saved without an "
+                                      "optimizer): --resume needs it; --init-from loads the weights alone, with a "
+                                      "fresh optimizer")
             self.optim.check([(f"{n}.{k}", p) for n, p in params for k in optimizer.STATE_KEYS], early,
                              missing=self._missing_state)
 

@@ -15,9 +15,6 @@ Files: `shards/rankNNNNN.safetensors` hold one rank's pieces as 1-D tensors; `in
 every piece of every logical tensor. A reader of any layout asks for the logical rows its shard
 needs and reads only the pieces that overlap them (whole old shards where the split dimension is
 not the first: a row-major shard cut along a later dimension is not a flat range).
-
-Checkpoints of format version 1 (one file of whole logical tensors per pipeline stage) read
-through the same index: each tensor is one piece of a single shard.
 """
 from __future__ import annotations
 
@@ -36,8 +33,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-class PieceError(RuntimeError):
-    pass
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read (`parallel.checkpoint` raises it too)."""
 
 
 @dataclass(frozen=True)
@@ -156,27 +153,43 @@ def index_record(pieces_by_rank: list[list[Piece]]) -> dict:
 class PieceIndex:
     """Reads logical tensors, or any layout's shards of them, from a checkpoint's pieces."""
 
-    def __init__(self, directory: Path, tensors: dict, files: dict | None = None):
-        self.directory, self.tensors = Path(directory), tensors
+    def __init__(self, directory: Path, tensors: dict, files: dict | None = None, verify: bool = True):
+        self.directory, self.tensors, self.auto_verify = Path(directory), tensors, verify
         self._files: dict[str, TensorFile] = files or {}
 
     @classmethod
-    def open(cls, directory: Path) -> PieceIndex:
-        return cls(directory, json.loads((Path(directory) / INDEX).read_text())["tensors"])
+    def open(cls, directory: Path, verify: bool = True) -> PieceIndex:
+        """`verify`: check each piece's checksum the first time any of it is read (a rank that
+        reads only slices of what another rank verifies passes False)."""
+        path = Path(directory) / INDEX
+        try:
+            tensors = json.loads(path.read_text())["tensors"]
+        except FileNotFoundError:
+            raise CheckpointError(f"{str(path)!r} is missing: a checkpoint of format version 3 lists its pieces "
+                                  "there") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{str(path)!r} cannot be read as a piece index: {err!r}") from None
+        return cls(directory, tensors, verify=verify)
 
-    @classmethod
-    def from_logical_files(cls, directory: Path, prefixes=("model", "optim")) -> PieceIndex:
-        """Format version 1: whole logical tensors in PREFIX-*.safetensors files."""
-        tensors, files = {}, {}
-        for prefix in prefixes:
-            for f in sorted(Path(directory).glob(f"{prefix}-*.safetensors")):
-                tf = files[f.name] = TensorFile(f)
-                for name in tf.names:
-                    shape = list(tf.shape(name))
-                    tensors[name] = {"logical_shape": shape, "tp_dim": None, "tp_size": 1, "shard_shape": shape,
-                                     "dtype": DTYPE_NAMES[tf.dtype(name)],
-                                     "pieces": [[0, 0, torch.Size(shape).numel(), f.name, name]]}
-        return cls(directory, tensors, files)
+    def check(self, tensors: list[tuple[str, torch.Tensor]], verify: bool, missing=None) -> None:
+        """Every (name, param) is here with the param's logical shape and every file its pieces
+        are in exists; `verify`: every piece's checksum too. `missing(names)`: the error for
+        absent names (default: the first one named)."""
+        absent = [name for name, _ in tensors if name not in self.tensors]
+        if absent:
+            raise missing(absent) if missing else CheckpointError(
+                f"checkpoint {str(self.directory)!r} has no tensor {absent[0]!r}")
+        for name, param in tensors:
+            if self.logical_shape(name) != tuple(param.logical_shape):
+                raise CheckpointError(f"checkpoint {str(self.directory)!r}: {name} has shape "
+                                      f"{self.logical_shape(name)}, the model expects {tuple(param.logical_shape)}")
+            for *_, file, key in self.tensors[name]["pieces"]:
+                tf = self._file(file)
+                if not tf.has_checksums:
+                    raise CheckpointError(f"tensor file {str(tf.path)!r} has no checksums, which format version 3 "
+                                          "writes into every file: it was replaced or its header damaged")
+                if verify:
+                    tf.verify(key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -189,15 +202,15 @@ class PieceIndex:
 
     def _entry(self, name: str) -> dict:
         if name not in self.tensors:
-            raise PieceError(f"checkpoint {str(self.directory)!r} has no tensor {name!r}")
+            raise CheckpointError(f"checkpoint {str(self.directory)!r} has no tensor {name!r}")
         return self.tensors[name]
 
     def _file(self, name: str) -> TensorFile:
         if name not in self._files:
             path = self.directory / name
             if not path.is_file():
-                raise PieceError(f"checkpoint file {str(path)!r} is missing")
-            self._files[name] = TensorFile(path)
+                raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+            self._files[name] = TensorFile(path, verify=self.auto_verify)
         return self._files[name]
 
     def _flat(self, name: str, tp_rank: int, start: int, stop: int) -> torch.Tensor:
@@ -212,7 +225,7 @@ class PieceIndex:
             out[s - start:e - start] = self._file(file).get_rows(key, 0, s - a, e - a)
             covered += e - s
         if covered != stop - start:
-            raise PieceError(f"checkpoint {str(self.directory)!r}: {name} (tp shard {tp_rank}) has "
+            raise CheckpointError(f"checkpoint {str(self.directory)!r}: {name} (tp shard {tp_rank}) has "
                              f"{covered} of the {stop - start} elements [{start}, {stop}) it needs")
         return out
 
@@ -224,7 +237,7 @@ class PieceIndex:
             dim = entry["tp_dim"] if entry["tp_size"] > 1 else 0
             lo, hi = 0, logical[dim] if logical else 1
         if entry["tp_size"] > 1 and entry["tp_dim"] != dim:
-            raise PieceError(f"checkpoint {str(self.directory)!r}: {name} was split along dim {entry['tp_dim']}, "
+            raise CheckpointError(f"checkpoint {str(self.directory)!r}: {name} was split along dim {entry['tp_dim']}, "
                              f"the model splits it along dim {dim}")
         if not logical:  # a scalar
             return self._flat(name, 0, 0, 1).reshape(())
@@ -250,7 +263,7 @@ class PieceIndex:
         """`param`'s shard of the logical tensor `name` (zero rows where the vocabulary pads)."""
         shape = self.logical_shape(name)
         if shape != tuple(param.logical_shape):
-            raise PieceError(f"checkpoint {str(self.directory)!r}: {name} has shape {shape}, the model expects "
+            raise CheckpointError(f"checkpoint {str(self.directory)!r}: {name} has shape {shape}, the model expects "
                              f"{tuple(param.logical_shape)}")
         if param.tp_dim is None:
             return self.logical(name)

@@ -22,3 +22,25 @@ def flip_byte(path, name: str, fraction: float = 0.5) -> int:
     raw[at] ^= 0xFF
     Path(path).write_bytes(bytes(raw))
     return at
+
+
+def piece(checkpoint, name: str) -> tuple[Path, str]:
+    """(file, key) of the first piece of logical tensor `name` in a checkpoint of pieces (index.json)."""
+    checkpoint = Path(checkpoint)
+    _, _, _, file, key = json.loads((checkpoint / "index.json").read_text())["tensors"][name]["pieces"][0]
+    return checkpoint / file, key
+
+
+def flip_piece(checkpoint, name: str) -> tuple[Path, str]:
+    """Flip a byte of the first piece of `name`; returns its (file, key)."""
+    file, key = piece(checkpoint, name)
+    flip_byte(file, key)
+    return file, key
+
+
+def drop_tensors(checkpoint, keep) -> None:
+    """Rewrite index.json with only the tensors whose name `keep(name)` accepts (as if never saved)."""
+    path = Path(checkpoint) / "index.json"
+    index = json.loads(path.read_text())
+    index["tensors"] = {n: t for n, t in index["tensors"].items() if keep(n)}
+    path.write_text(json.dumps(index))

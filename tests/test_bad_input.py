@@ -16,7 +16,7 @@ from llama import convert_cli, evaluate, generate, train
 from llama.cli import HelpFormatter
 from llama.config import LlamaConfig, load_config
 from llama.model import check_tensor_parallel
-from tests.damage import flip_byte
+from tests.damage import flip_piece
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=600, multiple_of=16, max_seq_len=64)
@@ -47,7 +47,7 @@ def files(tmp_path_factory):
     topo = build_topology()
     save_checkpoint(d / "ckpt", 1, build_chunks(CFG, topo, seed=0), None, topo,
                     meta={"consumed_samples": 0, "config": {"model": CFG.__dict__}})
-    weights = next((d / "ckpt").glob("step_*/model-pp000.safetensors"))
+    weights = next((d / "ckpt").glob("step_*/shards/rank00000.safetensors"))
     for name, damage in (("truncated", lambda b: b[:len(b) // 2]), ("garbage", lambda b: b"\x07garbage" * 50)):
         shutil.copytree(d / "ckpt", d / f"{name}-ckpt")
         target = d / f"{name}-ckpt" / weights.relative_to(d / "ckpt")
@@ -71,11 +71,11 @@ def files(tmp_path_factory):
     (d / "meta" / "params.json").write_text('{"dim": 32,')
     (d / "broken.yaml").write_text("train:\n  lr: [1,\n")
     for name in ("flipped", "newer", "missing"):  # a damaged tensor, a future format, a deleted file
-        shutil.copytree(weights.parent, d / f"{name}-ckpt")
-    flip_byte(d / "flipped-ckpt" / "model-pp000.safetensors", "layers.1.feed_forward.w2.weight")
+        shutil.copytree(weights.parents[1], d / f"{name}-ckpt")
+    flip_piece(d / "flipped-ckpt", "layers.1.feed_forward.w2.weight")
     meta = json.loads((d / "newer-ckpt" / "meta.json").read_text())
     (d / "newer-ckpt" / "meta.json").write_text(json.dumps({**meta, "version": 99}))
-    (d / "missing-ckpt" / "model-pp000.safetensors").unlink()
+    (d / "missing-ckpt" / "shards" / "rank00000.safetensors").unlink()
     return {"d": str(d), "tok": str(tok), "ckpt": str(d / "ckpt"), "long": "word " * 100}
 
 
@@ -97,8 +97,8 @@ def T(*args):  # llama-train with the model of the good checkpoint, on byte-leve
             "--set", "train.seq_len=32", "--set", "train.global_batch=2", "--set", "train.micro_batch=1", *args]
 
 
-CHECKSUM = "model-pp000.safetensors': tensor 'layers.1.feed_forward.w2.weight' fails its checksum"
-NEWER = "format version 99 is newer than this code reads (versions 1 to 2)"
+CHECKSUM = "rank00000.safetensors': tensor 'layers.1.feed_forward.w2.weight@tp0/0-"
+NEWER = "format version 99 is newer than this code reads (versions 1 to 3)"
 
 
 def G(*args):  # llama-generate on the good checkpoint and tokenizer, plus args
@@ -116,9 +116,9 @@ def C(src, path, *args):  # llama-convert from `src` at `path` to native
 # (command, argv, what the one line must contain); {d} is the folder of broken files
 CASES = [
     ("llama-generate", ["--checkpoint", "{d}/truncated-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"],
-     "model-pp000.safetensors' is truncated"),
+     "rank00000.safetensors' is truncated"),
     ("llama-generate", ["--checkpoint", "{d}/garbage-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"],
-     "model-pp000.safetensors' is truncated or corrupted"),
+     "rank00000.safetensors' is truncated or corrupted"),
     ("llama-generate", ["--checkpoint", "{d}/nowhere", "--tokenizer", "{tok}", "--prompt", "hi"], "nowhere"),
     ("llama-generate", ["--checkpoint", "{ckpt}", "--tokenizer", "{d}/garbage.model", "--prompt", "hi"],
      "garbage.model' is not a SentencePiece model"),
@@ -140,7 +140,7 @@ CASES = [
      "badanswer.jsonl:1: 'answer' must index 'choices' (0 to 1), not 5"),
     ("llama-eval", E("--task", "{d}/mc.jsonl"), "--task needs --tokenizer"),
     ("llama-eval", ["--checkpoint", "{d}/truncated-ckpt", "--tokenizer", "{tok}", "--task", "{d}/mc.jsonl"],
-     "model-pp000.safetensors' is truncated"),
+     "rank00000.safetensors' is truncated"),
     ("llama-eval", E("--tokenizer", "{d}/garbage.model", "--task", "{d}/mc.jsonl"), "garbage.model"),
     ("llama-eval", E("--perplexity", "{d}/no-shard", "--seq-len", "32"), "no-shard"),
     ("llama-eval", E("--perplexity", "{d}/no-shard", "--seq-len", "100"), "seq_len=100 exceeds"),
@@ -181,20 +181,20 @@ CASES = [
     ("llama-eval", ["--checkpoint", "{d}/flipped-ckpt", "--tokenizer", "{tok}", "--task", "{d}/mc.jsonl"], CHECKSUM),
     ("llama-convert", C("native", "{d}/flipped-ckpt"), CHECKSUM),
     ("llama-train", T("--init-from", "{d}/flipped-ckpt"), CHECKSUM),
-    ("llama-train", T("--resume", "{ckpt}"), "has no optimizer state (no optim-pp*.safetensors"),
+    ("llama-train", T("--resume", "{ckpt}"), "has no optimizer state (saved without an optimizer)"),
     ("llama-generate", ["--checkpoint", "{d}/newer-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"], NEWER),
     ("llama-convert", C("native", "{d}/newer-ckpt"), NEWER),
     ("llama-train", T("--init-from", "{d}/newer-ckpt"), NEWER),
     ("llama-generate", ["--checkpoint", "{d}/missing-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"],
-     "model-pp000.safetensors' is missing: a checkpoint saved at pp=1 has one model file per stage"),
-    ("llama-convert", C("native", "{d}/missing-ckpt"), "model-pp000.safetensors' is missing"),
+     "shards/rank00000.safetensors' is missing"),
+    ("llama-convert", C("native", "{d}/missing-ckpt"), "shards/rank00000.safetensors' is missing"),
     ("llama-generate", ["--checkpoint", "{d}/hf", "--tokenizer", "{tok}", "--prompt", "hi"],
      "hf' is not a checkpoint (no meta.json, no 'latest')"),
     ("llama-train", T("--init-from", "{d}/meta"), "meta' is not a checkpoint (no meta.json, no 'latest')"),
     ("llama-train", T("--save", "{d}/tiny.txt/ckpt"), "cannot save checkpoint step_000001 in"),
 ]
 # rows run again as real processes (`python -m llama.X`, `python tools/X.py`): what a user sees
-SUBPROCESS = [c for c in CASES if c[2] in ("model-pp000.safetensors' is truncated or corrupted",
+SUBPROCESS = [c for c in CASES if c[2] in ("rank00000.safetensors' is truncated or corrupted",
                                            "'tasks/piqa.jsonl' does not exist",
                                            "tokenizer model '/no/such' does not exist")]
 

@@ -1,6 +1,6 @@
 """Damaged or incomplete checkpoints are errors that name the file (issue 17, part 3): a flipped
-byte inside a tensor fails a resume naming the file and the tensor; a missing stage file is named
-as a file; a resume refuses missing or incomplete optimizer state, where --init-from loads the
+byte inside a tensor fails a resume naming the file and the tensor; a missing file is named as a
+file; a resume refuses missing or incomplete optimizer state, where --init-from loads the
 weights alone and says so; a save that cannot be written fails with one line on every rank and
 leaves the previous checkpoint in charge. Each case runs `llama-train` (its main) as a user
 would; generate, eval and convert on damaged input are rows of tests/test_bad_input.py."""
@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from llama import convert_cli, train
 from llama.demo_corpus import prose_text
-from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile
-from tests.damage import flip_byte
+from parallel.checkpoint_pieces import PieceIndex
+from tests.damage import drop_tensors, flip_piece
 from tests.distributed import run_processes
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,13 +89,12 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("file,tensor", [("model-pp000.safetensors", "layers.1.feed_forward.w2.weight"),
-                                         ("optim-pp000.safetensors", "layers.0.attention.wq.weight.exp_avg")])
-def test_a_flipped_byte_fails_resume_naming_the_file_and_the_tensor(file, tensor, ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("tensor", ["layers.1.feed_forward.w2.weight", "layers.0.attention.wq.weight.exp_avg"])
+def test_a_flipped_byte_fails_resume_naming_the_file_and_the_tensor(tensor, ckpt, tmp_path, capsys):
     damaged = _copy(ckpt, tmp_path / "step_000002")
-    flip_byte(damaged / file, tensor)
+    file, key = flip_piece(damaged, tensor)
     line = _one_line(capsys, train.main(TRAIN + ["--steps", "3", "--resume", str(damaged)]))
-    assert f"tensor file '{damaged / file}': tensor '{tensor}' fails its checksum" in line, line
+    assert f"tensor file '{file}': tensor '{key}' fails its checksum" in line and key.startswith(tensor + "@"), line
 
 
 def test_damage_another_dp_rank_reads_fails_every_rank(ckpt, tmp_path):
@@ -103,68 +102,73 @@ def test_damage_another_dp_rank_reads_fails_every_rank(ckpt, tmp_path):
     run from the last parameter to the first) and reads it without verifying: dp rank 0 verifies
     all of its stage's state, names the damage, and both ranks stop."""
     damaged = _copy(ckpt, tmp_path / "step_000002")
-    flip_byte(damaged / "optim-pp000.safetensors", "tok_embeddings.weight.exp_avg")
+    file, key = flip_piece(damaged, "tok_embeddings.weight.exp_avg")
     ranks = _on_two_ranks(tmp_path, TRAIN + ["--distributed-optimizer", "--steps", "3", "--resume", str(damaged)])
     lines = [[line for line in r["err"].splitlines() if line.strip()] for r in ranks]
     assert [r["code"] for r in ranks] == [2, 2] and [len(x) for x in lines] == [1, 1], ranks
-    assert (f"tensor file '{damaged / 'optim-pp000.safetensors'}': tensor 'tok_embeddings.weight.exp_avg' fails "
-            "its checksum") in lines[0][0], lines
+    assert f"tensor file '{file}': tensor '{key}' fails its checksum" in lines[0][0], lines
     assert lines[1][0] == "llama-train: error: another rank could not load the checkpoint (its error says why)"
+
+
+def _is_state(name: str) -> bool:
+    return name.endswith((".master", ".exp_avg", ".exp_avg_sq"))
 
 
 def test_resume_refuses_a_checkpoint_without_optimizer_state(ckpt, tmp_path, capsys):
     bare = _copy(ckpt, tmp_path / "bare")
-    (bare / "optim-pp000.safetensors").unlink()
+    drop_tensors(bare, lambda name: not _is_state(name))
     line = _one_line(capsys, train.main(TRAIN + ["--steps", "3", "--resume", str(bare)]))
     assert f"checkpoint '{bare}' has no optimizer state" in line and "--init-from" in line, line
 
 
 def test_resume_refuses_incomplete_optimizer_state_and_init_from_loads_the_weights(ckpt, tmp_path, capsys):
     partial = _copy(ckpt, tmp_path / "partial")
-    optim = partial / "optim-pp000.safetensors"
-    old = TensorFile(optim)
-    kept = sorted(n for n in old.names if not n.startswith("layers.1.attention.wo.weight."))
-    writer = StreamingSafetensorsWriter(optim.with_suffix(".tmp"), [(n, old.dtype(n), old.shape(n)) for n in kept])
-    for n in kept:
-        writer.write(n, old.get(n))
-    writer.close()
-    optim.with_suffix(".tmp").replace(optim)
+    drop_tensors(partial, lambda name: not name.startswith("layers.1.attention.wo.weight."))
     line = _one_line(capsys, train.main(TRAIN + ["--steps", "3", "--resume", str(partial)]))
     assert "lacks the optimizer state of 3 tensors (the first: 'layers.1.attention.wo.weight." in line, line
 
     assert train.main(TRAIN + ["--steps", "1", "--init-from", str(partial)]) == 0
     out = capsys.readouterr().out
-    weights = load_file(partial / "model-pp000.safetensors")  # the checkpoint's parameters, counted by another reader
-    n_params = sum(t.numel() for t in weights.values())
+    pieces = {name: t for f in (partial / "shards").glob("*.safetensors") for name, t in load_file(f).items()}
+    n_params = sum(t.numel() for key, t in pieces.items() if not _is_state(key.split("@")[0]))  # another reader
     assert (f"initialised from {partial} (step 2): {n_params:,} parameters, weights only; optimizer state and data "
             "position start fresh") in out, out
     assert "step 0 loss" in out  # a fresh run: step 0, not the checkpoint's step 2
 
 
-def test_a_version_1_checkpoint_without_checksums_still_resumes(ckpt, tmp_path, capsys):
-    """Format 1 files carry no checksums (rewritten here by Hugging Face's writer, which adds
-    none): they load unverified. The same files under a version 2 meta.json are refused."""
-    old = _copy(ckpt, tmp_path / "v1")
-    for f in old.glob("*.safetensors"):
-        save_file(load_file(f), f)
-    meta = json.loads((old / "meta.json").read_text())
-    (old / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+def _as_logical_files(ckpt: Path, out: Path, version: int) -> Path:
+    """The checkpoint rewritten in format version 1 or 2's layout (whole logical tensors in
+    model-pp000 and optim-pp000), by Hugging Face's writer, which adds no checksums."""
+    shutil.copytree(ckpt, out, ignore=shutil.ignore_patterns("shards", "index.json"))
+    index = PieceIndex.open(ckpt)
+    for prefix, wanted in (("model", lambda n: not _is_state(n)), ("optim", _is_state)):
+        save_file({n: index.logical(n).contiguous() for n in index.tensors if wanted(n)},
+                  out / f"{prefix}-pp000.safetensors")
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "version": version}))
+    return out
+
+
+def test_version_1_checkpoints_of_whole_tensors_still_resume(ckpt, tmp_path, capsys):
+    """Format 1 files (whole logical tensors, no checksums) load unverified, with their optimizer
+    state; the same files under a version 2 meta.json are refused (2 writes checksums)."""
+    old = _as_logical_files(ckpt, tmp_path / "v1", 1)
     assert train.main(TRAIN + ["--steps", "3", "--resume", str(old)]) == 0
     assert f"resumed from {old} at step 2" in capsys.readouterr().out
+    meta = json.loads((old / "meta.json").read_text())
     (old / "meta.json").write_text(json.dumps({**meta, "version": 2}))
     line = _one_line(capsys, train.main(TRAIN + ["--steps", "3", "--resume", str(old)]))
     assert "model-pp000.safetensors' has no checksums, which format version 2 writes into every file" in line, line
 
 
-def test_a_deleted_stage_file_is_named_as_a_missing_file(pp2, tmp_path, capsys):
+def test_a_deleted_file_is_named_as_a_missing_file(pp2, tmp_path, capsys):
     damaged = _copy(pp2 / "step_000002", tmp_path / "step_000002")
-    (damaged / "model-pp001.safetensors").unlink()
+    (damaged / "shards" / "rank00001.safetensors").unlink()
     line = _one_line(capsys, train.main(TRAIN + ["--steps", "3", "--resume", str(damaged)]))
-    assert f"'{damaged / 'model-pp001.safetensors'}' is missing: a checkpoint saved at pp=2 has one model file " \
-           "per stage" in line, line
+    assert f"checkpoint file '{damaged / 'shards' / 'rank00001.safetensors'}' is missing" in line, line
     assert convert_cli.main(["--from", "native", "--to", "hf", "--input", str(damaged), "--output",
                              str(tmp_path / "hf")]) == 2
-    assert "model-pp001.safetensors' is missing" in capsys.readouterr().err
+    assert "rank00001.safetensors' is missing" in capsys.readouterr().err
 
 
 def test_an_unwritable_save_directory_fails_with_one_line_on_every_rank(tmp_path):
@@ -183,14 +187,14 @@ def test_an_unwritable_save_directory_fails_with_one_line_on_every_rank(tmp_path
 def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_in_charge(pp2, tmp_path, capsys):
     root = _copy(pp2, tmp_path / "root")
     before = {p.name: p.read_bytes() for p in (root / "step_000002").iterdir() if p.is_file()}
-    limit = 128 * 1024  # under each stage's model file (~280 KB), above meta.json and the RNG states
+    limit = 128 * 1024  # under each rank's file of pieces (~560 KB), above meta.json and the RNG states
     ranks = _on_two_ranks(tmp_path, TRAIN + ["--pp", "2", "--steps", "4", "--resume", str(root), "--save", str(root)],
                           file_size_limit=limit)
     for stage, rank in enumerate(ranks):  # each stage's writer hits the limit in its own file
         lines = [line for line in rank["err"].splitlines() if line.strip()]
         assert rank["code"] == 2 and len(lines) == 1, ranks
         assert lines[0] == (f"llama-train: error: cannot save checkpoint step_000004 in '{root}': cannot write "
-                            f"tensor file '{root / 'step_000004.tmp' / f'model-pp{stage:03d}.safetensors'}': "
+                            f"tensor file '{root / 'step_000004.tmp' / 'shards' / f'rank{stage:05d}.safetensors'}': "
                             "File too large; 'latest' still names step_000002"), lines
     assert (root / "latest").read_text() == "step_000002\n"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]  # the partial one removed
