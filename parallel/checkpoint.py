@@ -14,7 +14,9 @@ Saving: every rank writes only what it holds, split with the other ranks that ho
 writing leaves the previous checkpoint in charge. A rank that cannot write (a full disk, a
 directory it may not create) keeps taking part in the collectives, and every rank learns of it
 before anything is renamed: all of them raise, and `latest` stays where it was. The last `keep`
-are kept.
+are kept. With `background=True` a save returns once every rank has copied its pieces to host
+memory, and a thread per rank writes them (`PendingSave`); the checkpoint is published (renamed,
+`latest`) only when every rank's thread has finished and all agree, at a later step.
 
 Loading reads each rank's slice straight from the pieces that overlap it (safetensors: never
 unpickled). Format versions: 1, one file of whole logical tensors per stage and kind
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -116,29 +119,71 @@ class _Save:
         raise CheckpointError(f"cannot save checkpoint {self.name} in {str(self.root)!r}: {why}; {kept}")
 
 
-def save_checkpoint(root, step: int, modules, optimizer, topo, meta: dict, keep: int = 3) -> Path:
-    """Every rank calls this. Returns the checkpoint directory. Raises CheckpointError on every
-    rank if any rank could not write its part; the previous checkpoint then stays in charge."""
+def save_checkpoint(root, step: int, modules, optimizer, topo, meta: dict, keep: int = 3,
+                    background: bool = False):
+    """Every rank calls this. Returns the checkpoint directory; with `background`, a PendingSave
+    as soon as every rank has copied its pieces to host memory (its files are written in a
+    thread; `finish()` completes it). Raises CheckpointError on every rank if any rank could not
+    write its part; the previous checkpoint then stays in charge."""
     save = _Save(Path(root), step, topo, _device(modules))
     attempt, tmp = save.attempt, save.tmp
     if topo.rank == 0:
         attempt(_fresh_directory, tmp)
     save.agree()
     pieces = my_pieces(modules, topo, optimizer)
-    attempt(write_pieces, tmp, topo.rank, pieces)
+    if background:  # the copy training may overwrite from the next step on
+        pieces = [(pc, flat.detach().to("cpu", copy=True)) for pc, flat in pieces]
     index = gather_index([pc for pc, _ in pieces], topo)
+    record = None
     if topo.rank == 0:
         attempt((tmp / INDEX).write_text, json.dumps(index))
-    attempt(_save_rng, tmp / "rng" / f"rank{topo.rank:05d}.pt")
-    save.agree()
-    if topo.rank == 0:
         record = {"format": FORMAT, "version": VERSION, "step": step,
                   "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
                              "distributed_optimizer": bool(optimizer and optimizer.distributed)},
                   "adam_step": optimizer.adam_step if optimizer is not None else 0, **meta}
-        attempt(_publish, save, record, keep)
-    save.agree()
-    return save.final
+    attempt(_save_rng, tmp / "rng" / f"rank{topo.rank:05d}.pt")
+    pending = PendingSave(save, record, keep, lambda: attempt(write_pieces, tmp, topo.rank, pieces))
+    if background:
+        pending.start()
+        return pending
+    pending.run()
+    return pending.finish()
+
+
+class PendingSave:
+    """A save whose pieces are being written (in a thread when started in the background): every
+    rank calls `finish()` at the same point, which waits for its own writer, agrees with the other
+    ranks (all raise if any failed) and publishes the checkpoint. `all_done()` asks every rank,
+    in one all-reduce, whether its writer has finished, so training can publish without waiting."""
+
+    def __init__(self, save: _Save, record: dict | None, keep: int, write):
+        self.save, self.record, self.keep, self.write = save, record, keep, write
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        self.write()
+
+    def start(self) -> None:
+        def write():
+            try:
+                self.write()
+            except Exception as err:  # noqa: BLE001  whatever stops a thread must reach finish()
+                self.save.attempt.error = self.save.attempt.error or err
+        self.thread = threading.Thread(target=write, name=f"save {self.save.name}", daemon=True)
+        self.thread.start()
+
+    def all_done(self) -> bool:
+        mine = self.thread is None or not self.thread.is_alive()
+        return _all_succeeded(mine, self.save.topo, self.save.device)
+
+    def finish(self) -> Path:
+        if self.thread is not None:
+            self.thread.join()
+        self.save.agree()
+        if self.save.topo.rank == 0:
+            self.save.attempt(_publish, self.save, self.record, self.keep)
+        self.save.agree()
+        return self.save.final
 
 
 def _fresh_directory(tmp: Path) -> None:
