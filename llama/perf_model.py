@@ -278,3 +278,21 @@ def predict(run: RunConfig, layout: Layout, hw: Hardware, tokens: float) -> Pred
     return Prediction(layout, mem, mem["total"] <= hw.usable_bytes, times, tokens_per_s_per_gpu, mfu,
                       seconds / 86400, gpu_hours, mwh, tco2, params_per_gpu=max(m_["_static"]["params"]
                                                                                  for m_ in mems.values()))
+
+
+CHECKPOINT_STATE_BYTES = 12  # per parameter: the fp32 master copy and both Adam moments
+
+
+def checkpoint_save(pred: Prediction, run: RunConfig, hw: Hardware, write_gbps_per_node: float) -> dict:
+    """One save of `pred`'s layout: every rank writes its share (`parallel.checkpoint_pieces`):
+    the parameters and their optimizer state that it holds, split with the dp replicas that hold
+    the same (its own slice under ZeRO-1). Taken for the fullest pipeline stage; the ranks of a
+    node write at `write_gbps_per_node` together (a parallel file system's client bandwidth)."""
+    lay = pred.layout
+    world = lay.tp * lay.pp * lay.dp
+    elt = DTYPES[run.train.dtype].itemsize
+    per_gpu = pred.params_per_gpu * (elt + CHECKPOINT_STATE_BYTES) / lay.dp
+    per_node = per_gpu * min(hw.gpus_per_node, world)
+    return {"total_bytes": per_gpu * world, "bytes_per_gpu": per_gpu, "bytes_per_node": per_node,
+            "seconds": per_node / (write_gbps_per_node * 1e9), "write_gbps_per_node": write_gbps_per_node}
+

@@ -23,7 +23,7 @@ from pathlib import Path
 from llama import hardware
 from llama.cli import Parser, fail, int_at_least
 from llama.config import ConfigError, load_config
-from llama.perf_model import Layout, Prediction, predict
+from llama.perf_model import Layout, Prediction, checkpoint_save, predict
 from llama.setup import human_bytes
 from parallel.topology import TopologyError, divisors, tp_groups_crossing_nodes
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", choices=["none", "selective", "full"], help="fix recompute (default: search)")
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
                    help="fix ZeRO-1 (default: search)")
+    p.add_argument("--write-gbps-per-node", type=float, default=2.0, metavar="GB/S",
+                   help="a node's write bandwidth to the checkpoint file system, for the save time (default: 2)")
     p.add_argument("--top", type=int_at_least(1), default=10, help="rows of the table")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON instead of the table")
     p.add_argument("--calibrate", action="store_true",
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{measured['hbm_gbps']:.1f} GB/s, gloo {measured['intra_node_gbps']:.2f} GB/s and "
                   f"{measured['intra_latency_s'] * 1e6:.0f} us; saved to {hardware.CALIBRATION}")
             return 0
+        if args.write_gbps_per_node <= 0:
+            raise ConfigError(f"--write-gbps-per-node={args.write_gbps_per_node:g} must be positive")
         hw = hardware.load(args.gpu)
         run = load_config(args.config)
         t = run.train
@@ -194,10 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                               f"{human_bytes(hw.usable_bytes)} usable; add GPUs or memory")
     except (ConfigError, TopologyError, ValueError) as err:
         return fail("llama-plan", err)
+    saves = [checkpoint_save(p, run, hw, args.write_gbps_per_node) for p in preds]
     if args.json:
-        print(json.dumps([as_json(p) for p in preds], indent=1))
+        print(json.dumps([{**as_json(p), "checkpoint_save": save} for p, save in zip(preds, saves)], indent=1))
     else:
+        save = saves[0]
         print(table(preds, hw, args.gpus, run, tokens, args.top, refused))
+        print(f"      checkpoint: {human_bytes(save['total_bytes'])} from every GPU at once, "
+              f"{human_bytes(save['bytes_per_gpu'])} each, {human_bytes(save['bytes_per_node'])} a node: "
+              f"{save['seconds']:.1f} s at {args.write_gbps_per_node:g} GB/s per node")
     return 0
 
 

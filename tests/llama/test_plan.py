@@ -6,7 +6,7 @@ import pytest
 
 from llama.config import load_config
 from llama.hardware import load
-from llama.perf_model import Layout, carbon, predict
+from llama.perf_model import Layout, carbon, checkpoint_save, predict
 from llama.plan import main, parse_amount
 from llama.step_profile import profile
 
@@ -74,6 +74,11 @@ def test_the_paper_layout_holds_its_rank_shapes_in_bf16_with_zero1():
     assert pred.memory["optimizer"] == pytest.approx(12 * params / 64, rel=1e-3)  # master, m, v over dp 64
     assert pred.fits and pred.memory["total"] < 40 * 2**30
     assert pred.days == pytest.approx(1.4e12 / (pred.tokens_per_s_per_gpu * 2048) / 86400)
+    # a save: each GPU writes its stage's bf16 weights and fp32 master, m and v, split over dp 64
+    save = checkpoint_save(pred, run, load("a100-80gb"), 2.0)
+    assert save["bytes_per_gpu"] == pytest.approx(pred.params_per_gpu * (2 + 12) / 64)
+    assert save["total_bytes"] == pytest.approx(m.num_params() * 14, rel=0.01)  # the fullest stage's, times 2048
+    assert save["seconds"] == pytest.approx(8 * save["bytes_per_gpu"] / 2e9)  # 8 GPUs a node at 2 GB/s
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -82,6 +87,7 @@ def test_the_paper_layout_holds_its_rank_shapes_in_bf16_with_zero1():
     (["--config", "llama-65b", "--gpus", "2048", "--tp", "8", "--pp", "3"], "is not divisible by tp*pp=8*3"),
     (["--config", "llama-65b", "--gpus", "1"], "fits no layout of 1 x a100-80gb"),
     (["--gpus", "16", "--tp", "16"], "tp=16 would span nodes"),
+    (["--write-gbps-per-node", "0"], "--write-gbps-per-node=0 must be positive"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
