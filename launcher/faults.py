@@ -17,8 +17,9 @@ The culprit is the recorded first failure if there is one, else the ranks that d
 a store that cannot be reached means its host, rank 0, is gone. Each rank prints one line and
 exits non-zero; a rank its launcher stops with SIGTERM (torchrun, srun and mpirun do, once one
 rank has failed) prints its line too, from the heartbeat thread, before it exits. Any rank dumps
-its Python stacks (`faulthandler`) on `kill -USR1 PID`, and a rank whose heartbeat thread cannot
-run for --timeout (the GIL held by wedged native code) dumps them and exits.
+its Python stacks (`faulthandler`) on `kill -USR2 PID` (USR1 is the trainer's stop-and-save
+signal), and a rank whose heartbeat thread cannot run for --timeout (the GIL held by wedged native
+code) dumps them and exits.
 
 Store traffic: one small request per rank and tick (a quarter of the interval: 2.5 s at the
 default --timeout of 600 s), plus a write per phase change at most once a tick: under 1 request
@@ -198,12 +199,12 @@ class Heartbeat:
 
 
 def start(rank: int, world: int, timeout_s: float, prog: str = "llama-train") -> None:
-    """Arm fault reporting for this rank: stacks on fatal signals and SIGUSR1, the heartbeat."""
+    """Arm fault reporting for this rank: stacks on fatal signals and SIGUSR2, the heartbeat."""
     global _heartbeat
     try:  # needs a real stderr (not one captured in memory, as under pytest)
         faulthandler.enable(all_threads=True)
-        if hasattr(signal, "SIGUSR1"):
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        if hasattr(signal, "SIGUSR2"):  # USR1 belongs to preemption (llama/preemption.py)
+            faulthandler.register(signal.SIGUSR2, all_threads=True)
     except (ValueError, AttributeError, OSError, io.UnsupportedOperation):
         pass
     if world > 1 and _heartbeat is None and _store() is not None:  # both connections made now

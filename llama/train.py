@@ -31,6 +31,8 @@ from llama.demo_corpus import prose_text
 from llama.dry_run import dry_run
 from llama.fault_drill import FaultDrill
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
+from llama.preemption import DEFAULT as DEFAULT_EXIT_SIGNAL
+from llama.preemption import Preemption, exit_signals_arg, minutes_arg, stopped_line
 from llama.setup import (  # check_batch, decays, human_bytes: re-exported, their old home
     DTYPES,
     RankSetup,
@@ -45,7 +47,7 @@ from llama.setup import (  # check_batch, decays, human_bytes: re-exported, thei
 from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
 from parallel import comm
-from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from parallel.checkpoint import CheckpointError, PendingSave, load_checkpoint, resolve_checkpoint, save_checkpoint
 from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
 from parallel.pipeline.schedules import SCHEDULES, run_schedule
@@ -97,6 +99,9 @@ class TrainResult:
     consumed_samples: int = 0
     chunks: list = field(default_factory=list)
     optimizer: Optimizer | None = None
+    steps_done: int = 0           # optimiser steps behind the model when train() returned (resumed ones too)
+    stopped: str | None = None    # why the run stopped before train.steps ("on SIGUSR1"); None: it did not
+    saved: Path | None = None     # the last checkpoint this run wrote (the one at the stop, when it stopped)
 
 
 @dataclass
@@ -106,11 +111,14 @@ class CheckpointOptions:
     keep: int = 3                 # the last K are kept
     resume: str | None = None     # a checkpoint directory, or a root whose `latest` is followed
     init_from: str | None = None  # weights only (converted or pretrained): a fresh optimiser and step 0
+    async_save: bool = False      # copy to host memory at the step, write in the background
 
 
 def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, data=None,
-          ckpt: CheckpointOptions | None = None) -> TrainResult:
-    """Train on the layout of `topo` (already initialised); every rank calls this."""
+          ckpt: CheckpointOptions | None = None, preemption: Preemption | None = None) -> TrainResult:
+    """Train on the layout of `topo` (already initialised); every rank calls this. With a
+    `preemption` (installed), every rank stops at the same step when one receives an exit signal
+    or passes the exit duration, after saving a checkpoint there."""
     ckpt = ckpt or CheckpointOptions()
     m, t = run.model, run.train
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -135,10 +143,14 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             if is_logger:
                 tqdm.write(f"resumed from {resolve_checkpoint(ckpt.resume)} at step {first_step} "
                            f"(saved at tp={meta['layout']['tp']} pp={meta['layout']['pp']} dp={meta['layout']['dp']})")
+        elif is_logger:  # every parameter was found (or loading failed): the model's count is what was loaded
+            tqdm.write(f"initialised from {resolve_checkpoint(ckpt.init_from)} (step {meta['step']}): "
+                       f"{m.num_params():,} parameters, weights only; optimizer state and data position start fresh")
     tokens_per_step = t.global_batch * t.seq_len
     bar = tqdm(range(first_step, t.steps), desc="train", disable=not (show_progress and is_logger),
                dynamic_ncols=True, initial=first_step, total=t.steps)
     start = time.perf_counter()
+    pending = None  # a checkpoint being written in the background
     for step in bar:
         step_start = time.perf_counter()
         faults.set_phase(f"step {step}: forward/backward")
@@ -173,11 +185,27 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         if is_logger and not show_progress and (step % t.log_every == 0 or step == t.steps - 1):
             print(f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} step {step_s:.3f} s "
                   f"tokens/s {tokens_per_s:,.0f}", flush=True)
-        done = step + 1
-        if ckpt.save_dir and (done == t.steps or (ckpt.save_every and done % ckpt.save_every == 0)):
+        done = result.steps_done = step + 1
+        if preemption and done < t.steps:  # one small all-reduce: stop here, all ranks alike?
+            result.stopped = preemption.agree(topo, device)
+        if pending is not None and pending.all_done():  # one small all-reduce a step while a save is written
+            result.saved, pending = pending.finish(), None
+        if ckpt.save_dir and (done == t.steps or result.stopped or (ckpt.save_every and done % ckpt.save_every == 0)):
             faults.set_phase(f"step {step}: saving a checkpoint")
-            save_checkpoint(ckpt.save_dir, done, chunks, optimizer, topo, keep=ckpt.keep,
-                            meta={"consumed_samples": result.consumed_samples, "config": asdict(run)})
+            if pending is not None:  # a save waits for the one before
+                result.saved, pending = pending.finish(), None
+            last = done == t.steps or bool(result.stopped)  # written before the run ends: in the foreground
+            saved = save_checkpoint(ckpt.save_dir, done, chunks, optimizer, topo, keep=ckpt.keep,
+                                    meta={"consumed_samples": result.consumed_samples, "config": asdict(run)},
+                                    background=ckpt.async_save and not last)
+            if isinstance(saved, PendingSave):
+                pending = saved
+            else:
+                result.saved = saved
+        if result.stopped:
+            break
+    if pending is not None:
+        result.saved = pending.finish()
     writer.close()
     return result
 
@@ -274,9 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps and at the end; 0: only at the end")
     p.add_argument("--keep", type=int, default=3, metavar="K", help="keep the last K checkpoints")
+    p.add_argument("--async-save", action="store_true",
+                   help="copy each checkpoint to host memory at its step and write it while training goes on "
+                        "(the last one, and one at a stop, are written before exiting)")
     p.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from a checkpoint: PATH, or without PATH the latest under --save "
                         "(default: start at step 0)")
+    p.add_argument("--exit-signal", type=exit_signals_arg, default=DEFAULT_EXIT_SIGNAL, metavar="SIGNALS",
+                   help="on these signals (any rank), every rank stops at the next step, saves to --save and exits 0: "
+                        "USR1, TERM, USR2, INT, HUP, a comma list (TERM,USR1), or none")
+    p.add_argument("--exit-duration-minutes", type=minutes_arg, metavar="M",
+                   help="stop the same way once M minutes have passed since start-up (default: no limit)")
     p.add_argument("--init-from", metavar="PATH",
                    help="start from these weights, any layout; a converted model (default: a fresh initialisation)")
     p.add_argument("--timeout", type=float, default=600.0,
@@ -306,6 +342,7 @@ def _dry_run_world(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    preemption = Preemption(args.exit_signal, args.exit_duration_minutes)  # the exit-duration clock starts here
     topo = None  # unknown until initialize() returns: a failure inside it names no group
     try:
         overrides = parse_overrides(args.set)
@@ -317,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(run, _dry_run_world(args), args.rank or [0],
                           args.gpus_per_node or slurm_tasks_per_node() or 8), flush=True)
             return 0
+        preemption.install()  # before the rendezvous: a signal during start-up stops the run at its first step
         topo = initialize(t.tp, t.pp, t.dp or None, timeout_s=args.timeout)
         faults.start(topo.rank, topo.world, args.timeout)
+        preemption.install()  # again: faults.start took SIGUSR1 (stack dumps) and SIGTERM (its heartbeat)
         if topo.rank == 0 and (crossing := tp_node_warning(topo)):
             warn("llama-train", crossing)
         resume = args.resume
@@ -328,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             resume = args.save if (Path(args.save) / "latest").is_file() else None
             if resume is None and topo.rank == 0:
                 print(f"--resume: no checkpoint under {args.save} yet: starting fresh", flush=True)
-        ckpt = CheckpointOptions(args.save, args.save_every, args.keep, resume, args.init_from)
-        result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics, ckpt=ckpt)
+        ckpt = CheckpointOptions(args.save, args.save_every, args.keep, resume, args.init_from, args.async_save)
+        result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics, ckpt=ckpt,
+                       preemption=preemption)
     except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, CheckpointError,
             TensorFileError, ValueError) as err:
         code = fail("llama-train", err)
@@ -352,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os._exit(1)
     faults.stop("exited")
-    if topo.rank == 0 and not result.losses:
+    if topo.rank == 0 and result.stopped:
+        print(stopped_line(result.steps_done, run.train.steps, result.stopped, result.saved, args.save), flush=True)
+    elif topo.rank == 0 and not result.losses:
         print(f"nothing to do: the run already reached train.steps={run.train.steps}", flush=True)
     elif topo.rank == 0:
         losses = result.losses

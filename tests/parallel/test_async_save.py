@@ -81,3 +81,27 @@ def test_a_failed_background_write_fails_every_rank_and_keeps_latest(tmp_path):
     assert "File too large" in errors[0] or "File too large" in errors[1], errors
     assert (tmp_path / "latest").read_text() == "step_000001\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+
+
+def _run_saving(root, async_save: bool):
+    from llama.train import ByteDemoData, CheckpointOptions, train
+    from parallel.topology import build_topology
+    run = load_config("tiny")
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=[], tokenizer=""))
+    run.train.steps, run.train.micro_batch = 6, 8
+    ckpt = CheckpointOptions(str(root), save_every=2, async_save=async_save)
+    return train(run, build_topology(), show_progress=False, data=ByteDemoData(run.train.seq_len, 0),
+                 ckpt=ckpt).losses
+
+
+def test_async_save_in_training_changes_neither_the_run_nor_the_checkpoints(tmp_path):
+    from parallel.checkpoint_pieces import PieceIndex
+    sync = _run_saving(tmp_path / "sync", False)
+    background = _run_saving(tmp_path / "async", True)
+    assert background == sync  # the same floats at every step
+    assert (tmp_path / "async" / "latest").read_text() == "step_000006\n"
+    for step in ("step_000002", "step_000004", "step_000006"):
+        a, b = PieceIndex.open(tmp_path / "sync" / step), PieceIndex.open(tmp_path / "async" / step)
+        assert sorted(a.tensors) == sorted(b.tensors)
+        for name in a.tensors:
+            assert torch.equal(a.logical(name), b.logical(name)), (step, name)
