@@ -8,6 +8,10 @@ load seconds (the slowest rank's), the checkpoint's bytes, and the most and leas
 against bytes / ranks: every rank writes its own share, so the busiest one writes about 1/world.
 On one machine the ranks share one disk and two cores, so time does not fall with ranks here;
 the bytes per rank are what a parallel file system turns into time.
+
+Then the cost of saving to training, on one process: the time of 12 steps of the same model with
+no checkpoint, with one every 2 steps, and with one every 2 steps under `--async-save` (the last
+save of a run is written before it returns in both).
 """
 from __future__ import annotations
 
@@ -74,6 +78,33 @@ def main() -> None:
         print(f"{ranks:>5} {f'tp{tp} dp{dp}':>10} {max(s for s, _, _ in out):7.2f} {max(ld for _, ld, _ in out):7.2f} "
               f"{total / 2**20:10.1f} {max(sizes) / 2**20:10.2f} {min(sizes) / 2**20:10.2f} "
               f"{max(sizes) / (total / ranks):20.2f}", flush=True)
+    slowdown(args.dim, args.layers)
+
+
+def _wall(root: str, dim: int, layers: int, every: int, async_save: bool) -> float:
+    """Seconds of train() for 12 steps (a step's own time excludes its save: this does not)."""
+    import os
+
+    from llama.train import ByteDemoData, CheckpointOptions, train
+    from parallel.topology import build_topology
+    torch.set_num_threads(1)
+    run = _run(dim, layers, 1, 1)
+    run.train.steps, run.train.log_every = 12, 1000
+    ckpt = CheckpointOptions(os.path.join(root, f"c-{every}-{async_save}") if every else None, save_every=every,
+                             keep=2, async_save=async_save)
+    data = ByteDemoData(run.train.seq_len, 0)
+    start = time.perf_counter()
+    train(run, build_topology(), show_progress=False, ckpt=ckpt, data=data)
+    return time.perf_counter() - start
+
+
+def slowdown(dim: int, layers: int) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        base = min(_wall(root, dim, layers, 0, False) for _ in range(2))
+        print(f"\none process, 12 steps: {base:.2f} s without checkpoints (best of 2)")
+        for label, async_save in (("a checkpoint every 2 steps", False), ("the same with --async-save", True)):
+            wall = min(_wall(root, dim, layers, 2, async_save) for _ in range(2))
+            print(f"  {label:<30} {wall:.2f} s ({wall / base:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
