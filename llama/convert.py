@@ -47,27 +47,23 @@ class NativeReader:
         self.meta = read_meta(path)
         directory = resolve_checkpoint(path)
         self.cfg = LlamaConfig(**self.meta["config"]["model"])
-        self.files, self.pieces = {}, None
         if self.meta["version"] >= 3:  # pieces written by every rank: assembled per tensor
-            self.pieces = PieceIndex.open(directory)
-        else:
-            for tf in stage_files(directory, self.meta, "model"):  # names a missing stage file; verifies checksums
-                self.files.update({n: tf for n in tf.names})
+            self.index = PieceIndex.open(directory)
+        else:  # names a missing stage file; verifies checksums
+            self.index = PieceIndex.of_whole_tensors(directory, stage_files(directory, self.meta, "model"))
         self.source = str(directory)
 
-    def _has(self, name: str) -> bool:
-        if name in (self.pieces if self.pieces is not None else self.files):
-            return True
-        raise ConversionError(f"{self.source}: no tensor {name!r}")
+    def _has(self, name: str) -> None:
+        if name not in self.index:
+            raise ConversionError(f"{self.source}: no tensor {name!r}")
 
     def dtype(self, name: str) -> torch.dtype:
         self._has(name)
-        return self.pieces.dtype(name) if self.pieces is not None else self.files[name].dtype(name)
+        return self.index.dtype(name)
 
     def tensor(self, name: str, shape) -> torch.Tensor:
         self._has(name)
-        t = self.pieces.logical(name) if self.pieces is not None else self.files[name].get(name)
-        return _check(name, t, shape, self.source)
+        return _check(name, self.index.logical(name), shape, self.source)
 
 
 class MetaReader:

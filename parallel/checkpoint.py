@@ -36,7 +36,16 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
-from parallel.checkpoint_pieces import INDEX, CheckpointError, PieceIndex, gather_index, my_pieces, write_pieces
+from parallel.checkpoint_pieces import (
+    INDEX,
+    CheckpointError,
+    PieceIndex,
+    bucket_layout,
+    gather_index,
+    my_pieces,
+    named_params,
+    write_pieces,
+)
 from parallel.tensor_files import TensorFile, TensorFileError
 
 FORMAT = "llama-parallel-checkpoint"
@@ -65,16 +74,6 @@ def _all_succeeded(ok: bool, topo, device) -> bool:
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
     comm.all_reduce(flag, topo.world_group, op=dist.ReduceOp.MIN, name="checkpoint_agreement")
     return flag.item() == 1.0
-
-
-def _named_params(modules):
-    return [(n, p) for m in modules for n, p in m.named_parameters()]
-
-
-def _bucket_layout(optimizer, modules):
-    """Per bucket, (name, param, offset in the bucket) of each parameter it holds."""
-    names = {id(p): n for n, p in _named_params(modules)}
-    return [[(names[id(p)], p, off) for p, off in zip(b.params, b.offsets)] for b in optimizer.buckets.buckets]
 
 
 class _Attempt:
@@ -271,53 +270,6 @@ def stage_files(directory, meta: dict, prefix: str, verify: bool = True) -> list
     return files
 
 
-class _Index:
-    """Which file holds which tensor, over one kind (model or optim) of a checkpoint's files."""
-
-    def __init__(self, files: list[TensorFile]):
-        self.files = {name: tf for tf in files for name in tf.names}
-
-    def check(self, tensors: list[tuple[str, torch.Tensor]], verify: bool, missing=None) -> None:
-        """Every (name, param) is here with the param's logical shape; `verify`: its checksum too.
-        `missing(names)`: the error for absent names (default: the first one named)."""
-        absent = [name for name, _ in tensors if name not in self.files]
-        if absent:
-            raise missing(absent) if missing else CheckpointError(f"checkpoint has no tensor {absent[0]!r}")
-        for name, param in tensors:
-            self._check_shape(name, param)
-        for name, _ in tensors if verify else []:
-            self.files[name].verify(name)
-
-    def _check_shape(self, name: str, param: torch.Tensor) -> None:
-        tf = self.files[name]
-        if tf.shape(name) != tuple(param.logical_shape):
-            raise CheckpointError(f"{str(tf.path)!r}: {name} has shape {tf.shape(name)}, the model expects "
-                                  f"{tuple(param.logical_shape)}")
-
-    def local(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the logical tensor `name`, for `param`'s sharding."""
-        if name not in self.files:
-            raise CheckpointError(f"checkpoint has no tensor {name!r}")
-        self._check_shape(name, param)
-        tf = self.files[name]
-        try:
-            if param.tp_dim is None:
-                return tf.get(name)
-            local = param.shape[param.tp_dim]
-            start = param.tp_rank * local
-            stop = min(start + local, param.logical_shape[param.tp_dim])
-            piece = tf.get_rows(name, param.tp_dim, min(start, stop), stop)
-        except TensorFileError:
-            raise
-        except Exception as err:
-            raise CheckpointError(f"{str(tf.path)!r}: cannot read {name}: {err}") from None
-        if piece.shape[param.tp_dim] < local:  # vocabulary padding: zeros
-            pad = list(piece.shape)
-            pad[param.tp_dim] = local - piece.shape[param.tp_dim]
-            piece = torch.cat([piece, piece.new_zeros(pad)], dim=param.tp_dim)
-        return piece
-
-
 def load_checkpoint(path, modules, optimizer, topo, weights_only: bool = False) -> dict:
     """Load a checkpoint saved at any layout into this rank's modules (and optimizer). Returns
     its meta.json. `weights_only` skips optimizer state and RNG (fine-tuning, evaluation); then
@@ -355,19 +307,22 @@ class _Plan:
         self.meta = read_meta(self.path)
         verifier = topo is None or (topo.tp_rank == 0 and topo.dp_rank == 0)
         early = verifier and topo is not None and topo.world > 1  # loading has collectives: verify first
-        params = _named_params(modules)
-        pieces = self.meta["version"] >= 3
-        self.model = PieceIndex.open(self.path, verifier) if pieces else \
-            _Index(stage_files(self.path, self.meta, "model", verifier))
-        self.model.check(params, early)
-        self.optim = None
-        if optimizer is not None and not weights_only:
-            self.optim = _optimizer_index(self.path, self.meta, verifier) if not pieces else self.model
-            if pieces and not any(name.endswith(".exp_avg") for name in self.model.tensors):
+        params = named_params(modules)
+        resume = optimizer is not None and not weights_only
+        if self.meta["version"] >= 3:
+            self.index = PieceIndex.open(self.path, verifier)
+        else:  # one file per stage of whole tensors; the optimizer's only when a resume needs them
+            files = stage_files(self.path, self.meta, "model", verifier)
+            if resume and any(self.path.glob("optim-pp*.safetensors")):
+                files += stage_files(self.path, self.meta, "optim", verifier)
+            self.index = PieceIndex.of_whole_tensors(self.path, files, verifier)
+        self.index.check(params, early)
+        if resume:
+            if not any(name.endswith(".exp_avg") for name in self.index.tensors):
                 raise CheckpointError(f"checkpoint {str(self.path)!r} has no optimizer state (saved without an "
-                                      "optimizer): --resume needs it; --init-from loads the weights alone, with a "
-                                      "fresh optimizer")
-            self.optim.check([(f"{n}.{k}", p) for n, p in params for k in optimizer.STATE_KEYS], early,
+                                      "optimizer, or converted): --resume needs it; --init-from loads the weights "
+                                      "alone, with a fresh optimizer")
+            self.index.check([(f"{n}.{k}", p) for n, p in params for k in optimizer.STATE_KEYS], early,
                              missing=self._missing_state)
 
     def _missing_state(self, names: list[str]) -> CheckpointError:
@@ -376,13 +331,13 @@ class _Plan:
 
     def load(self, modules, optimizer, topo, weights_only: bool) -> dict:
         with torch.no_grad():
-            for name, p in _named_params(modules):
-                p.copy_(self.model.local(name, p).to(p.dtype))
+            for name, p in named_params(modules):
+                p.copy_(self.index.local(name, p).to(p.dtype))
         if optimizer is not None:
-            if self.optim is not None:
-                _load_optimizer(self.optim, optimizer, _bucket_layout(optimizer, modules), self.meta["adam_step"])
-            else:
+            if weights_only:
                 optimizer.masters_from_params()
+            else:
+                _load_optimizer(self.index, optimizer, bucket_layout(optimizer, modules), self.meta["adam_step"])
         if weights_only or topo is None:
             return self.meta
         same_layout = self.meta["layout"] == {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
@@ -396,16 +351,7 @@ class _Plan:
         return self.meta
 
 
-def _optimizer_index(path: Path, meta: dict, verify: bool) -> _Index:
-    """The optimizer files a resume needs (headers only), or a CheckpointError saying they are not there."""
-    if not any(path.glob("optim-pp*.safetensors")):
-        raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer state (no optim-pp*.safetensors: saved "
-                              "without an optimizer, or converted): --resume needs it; --init-from loads the weights "
-                              "alone, with a fresh optimizer")
-    return _Index(stage_files(path, meta, "optim", verify))
-
-
-def _load_optimizer(index: _Index, optimizer, layout, adam_step: int) -> None:
+def _load_optimizer(index: PieceIndex, optimizer, layout, adam_step: int) -> None:
     for i, (lo, hi) in enumerate(optimizer.ranges):
         flat = {k: torch.zeros(hi - lo, dtype=torch.float32, device=optimizer.masters[i].device)
                 for k in optimizer.STATE_KEYS}

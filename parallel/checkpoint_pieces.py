@@ -15,6 +15,9 @@ Files: `shards/rankNNNNN.safetensors` hold one rank's pieces as 1-D tensors; `in
 every piece of every logical tensor. A reader of any layout asks for the logical rows its shard
 needs and reads only the pieces that overlap them (whole old shards where the split dimension is
 not the first: a row-major shard cut along a later dimension is not a flat range).
+
+Checkpoints of format versions 1 and 2 (whole logical tensors, one file per stage and kind) read
+through the same index: each tensor is one piece of a single shard.
 """
 from __future__ import annotations
 
@@ -150,12 +153,37 @@ def index_record(pieces_by_rank: list[list[Piece]]) -> dict:
     return {"tensors": tensors}
 
 
+def _elements(tf: TensorFile, key: str, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of tensor `key`, flat: a piece is 1-D; a whole tensor of format 1 or
+    2 is read by rows when the range is whole rows (a shard cut along dimension 0), else whole."""
+    shape = tf.shape(key)
+    row = torch.Size(shape[1:]).numel() if len(shape) > 1 else 1
+    if start % row == 0 and stop % row == 0:
+        return tf.get_rows(key, 0, start // row, stop // row).reshape(-1)
+    return tf.get(key).reshape(-1)[start:stop]
+
+
 class PieceIndex:
     """Reads logical tensors, or any layout's shards of them, from a checkpoint's pieces."""
 
-    def __init__(self, directory: Path, tensors: dict, files: dict | None = None, verify: bool = True):
+    def __init__(self, directory: Path, tensors: dict, files: dict | None = None, verify: bool = True,
+                 require_checksums: bool = True):
         self.directory, self.tensors, self.auto_verify = Path(directory), tensors, verify
+        self.require_checksums = require_checksums
         self._files: dict[str, TensorFile] = files or {}
+
+    @classmethod
+    def of_whole_tensors(cls, directory: Path, files: list[TensorFile], verify: bool = True) -> PieceIndex:
+        """Format versions 1 and 2: whole logical tensors, each one piece of a single shard, in
+        `files` (opened and checked by the caller, checksums where the version has them)."""
+        tensors = {}
+        for tf in files:
+            for name in tf.names:
+                shape = list(tf.shape(name))
+                tensors[name] = {"logical_shape": shape, "tp_dim": None, "tp_size": 1, "shard_shape": shape,
+                                 "dtype": DTYPE_NAMES[tf.dtype(name)],
+                                 "pieces": [[0, 0, torch.Size(shape).numel(), tf.path.name, name]]}
+        return cls(directory, tensors, {tf.path.name: tf for tf in files}, verify, require_checksums=False)
 
     @classmethod
     def open(cls, directory: Path, verify: bool = True) -> PieceIndex:
@@ -185,7 +213,7 @@ class PieceIndex:
                                       f"{self.logical_shape(name)}, the model expects {tuple(param.logical_shape)}")
             for *_, file, key in self.tensors[name]["pieces"]:
                 tf = self._file(file)
-                if not tf.has_checksums:
+                if self.require_checksums and not tf.has_checksums:
                     raise CheckpointError(f"tensor file {str(tf.path)!r} has no checksums, which format version 3 "
                                           "writes into every file: it was replaced or its header damaged")
                 if verify:
@@ -222,7 +250,7 @@ class PieceIndex:
             s, e = max(a, start), min(b, stop)
             if r != tp_rank or s >= e:
                 continue
-            out[s - start:e - start] = self._file(file).get_rows(key, 0, s - a, e - a)
+            out[s - start:e - start] = _elements(self._file(file), key, s - a, e - a)
             covered += e - s
         if covered != stop - start:
             raise CheckpointError(f"checkpoint {str(self.directory)!r}: {name} (tp shard {tp_rank}) has "

@@ -74,11 +74,10 @@ def test_the_paper_layout_holds_its_rank_shapes_in_bf16_with_zero1():
     assert pred.memory["optimizer"] == pytest.approx(12 * params / 64, rel=1e-3)  # master, m, v over dp 64
     assert pred.fits and pred.memory["total"] < 40 * 2**30
     assert pred.days == pytest.approx(1.4e12 / (pred.tokens_per_s_per_gpu * 2048) / 86400)
-    # a save: each GPU writes its stage's bf16 weights and fp32 master, m and v, split over dp 64
+    # a save: bf16 weights and fp32 master, m and v of every parameter, once (the fullest stage's
+    # share times 2048: within 1%); per GPU against the real writer in tests/parallel/test_checkpoint_pieces.py
     save = checkpoint_save(pred, run, load("a100-80gb"), 2.0)
-    assert save["bytes_per_gpu"] == pytest.approx(pred.params_per_gpu * (2 + 12) / 64)
-    assert save["total_bytes"] == pytest.approx(m.num_params() * 14, rel=0.01)  # the fullest stage's, times 2048
-    assert save["seconds"] == pytest.approx(8 * save["bytes_per_gpu"] / 2e9)  # 8 GPUs a node at 2 GB/s
+    assert save["total_bytes"] == pytest.approx(m.num_params() * 14, rel=0.01)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -29,7 +29,7 @@ def test_peak_tracker_counts_new_storages_while_they_live():
         del b, c
         d = torch.ones(10)
     assert watch.peak == 2 * MiB
-    assert watch.live_bytes == 40 and view.shape == (10,) and d.shape == (10,)
+    assert watch.current == 40 and view.shape == (10,) and d.shape == (10,)
 
 
 def test_cpu_local_curves_fit_what_was_measured():

@@ -73,6 +73,12 @@ def test_every_rank_writes_its_share_once_and_any_layout_reads_it_back(tmp_path,
     assert sum(written) == total  # nothing written twice
     if pp == 1:  # stages of different sizes aside, the busiest rank writes about 1/world
         assert max(written) <= 1.25 * total / len(written), written
+        # and what the planner predicts a GPU writes for this layout is what the busiest one wrote
+        from llama.hardware import load
+        from llama.perf_model import Layout, checkpoint_save, predict
+        run, layout = _run(tp, pp, dp, zero), Layout(tp, pp, dp, micro_batch=8, distributed_optimizer=zero)
+        save = checkpoint_save(predict(run, layout, load("a100-80gb"), 0), run, load("a100-80gb"), 1.0)
+        assert save["bytes_per_gpu"] == pytest.approx(max(written), rel=0.02)
 
     for name, p in params.items():  # tp 4 shards of every weight and state, read from the pieces
         for suffix in ("", ".exp_avg"):
