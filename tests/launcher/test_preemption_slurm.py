@@ -47,16 +47,20 @@ def _job(slurm, job: str) -> dict:
 
 
 def _wait_until_ended(slurm, job: str, work: Path, name: str, timeout: float = 200) -> dict:
-    deadline = time.time() + timeout
+    deadline, idle_since = time.time() + timeout, None
     while time.time() < deadline:
         state = _job(slurm, job)
         if state.get("JobState") in ENDED:
             return state
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and _node_idle(slurm):
+        idle_since = (idle_since or time.time()) if _node_idle(slurm) else None
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and idle_since \
+                and time.time() - idle_since >= 5:
             # SLURM holds a requeued batch job about two minutes (its BeginTime), not ours to test: start
-            # it now, but only once the node is idle again (moved at once, one start in four failed at
-            # launch, exit 1 with no output: the first start was probably still being cleaned up)
+            # it now, once the node has been idle a while. Moved as soon as the node looked idle, the
+            # start could race the first one's teardown in slurmd ("Job 1 already killed, do not
+            # launch batch job": FAILED 1:0, no output), in one run of CI out of several.
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=30)
+            idle_since = None
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=slurm.env, timeout=30)
     pytest.fail(f"job {job} ({name}) still {state.get('JobState')} after {timeout:.0f} s:\n{_log(work, name)}")
