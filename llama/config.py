@@ -130,6 +130,7 @@ class TrainConfig:
     stage_layers: list | None = None  # an uneven split: layers per (virtual) stage, e.g. [16, 16, 16, 12]
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = False  # distributed optimizer: the next forward waits per bucket (Megatron's)
     bucket_mb: float = 25.0
     vocab_pad_multiple: int = 1
     peak_tflops: float = 0.0         # per device, for MFU; 0: known GPUs only

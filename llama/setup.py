@@ -77,7 +77,9 @@ def build_rank(run: RunConfig, topo, device, seed: int | None | str = "config") 
     buckets = GradBuckets(params, topo.dp_group, t.bucket_mb, reduce_scatter=t.distributed_optimizer,
                           overlap=t.overlap_grad_reduce, decays=decays, tp_group=topo.tp_group)
     optimizer = Optimizer(buckets, topo, t.lr, (t.beta1, t.beta2), weight_decay=t.weight_decay,
-                          grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
+                          grad_clip=t.grad_clip, distributed=t.distributed_optimizer,
+                          overlap_param_gather=t.overlap_param_gather)
+    optimizer.wait_before_forward(chunks)
     p2p = PipelineP2P(topo, ring=t.vpp > 1)
     shape = activation_shape(m, t.micro_batch, t.seq_len, topo.tp, t.sp)
     return RankSetup(chunks, params, buckets, optimizer, p2p, shape, accumulation)

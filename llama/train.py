@@ -206,6 +206,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             break
     if pending is not None:
         result.saved = pending.finish()
+    optimizer.wait_params()  # the chunks handed back hold every dp rank's update
     writer.close()
     return result
 
@@ -259,6 +260,7 @@ FLAGS = {  # command-line flag -> train config key
     "tp": "tp", "pp": "pp", "dp": "dp", "sp": "sp", "schedule": "schedule", "vpp": "vpp",
     "micro_batch_size": "micro_batch", "global_batch_size": "global_batch", "seq_len": "seq_len",
     "steps": "steps", "lr": "lr", "seed": "seed", "dtype": "dtype", "distributed_optimizer": "distributed_optimizer",
+    "overlap_param_gather": "overlap_param_gather",
     "recompute": "recompute", "attention": "attention", "peak_tflops": "peak_tflops",
 }
 
@@ -289,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed-optimizer", action="store_true", default=None,
                    help="shard master weights and Adam state over dp, ZeRO-1 "
                         "(default: the config's train.distributed_optimizer)")
+    p.add_argument("--overlap-param-gather", action="store_true", default=None,
+                   help="with --distributed-optimizer: all-gather the updated parameters behind the next "
+                        "step's forward, bucket by bucket (default: the config's train.overlap_param_gather)")
     p.add_argument("--recompute", choices=["none", "selective", "full"],
                    help="activation checkpointing (default: the config's train.recompute)")
     p.add_argument("--attention", choices=["auto", "sdpa", "xformers"],

@@ -129,6 +129,8 @@ def save_checkpoint(root, step: int, modules, optimizer, topo, meta: dict, keep:
     if topo.rank == 0:
         attempt(_fresh_directory, tmp)
     save.agree()
+    if optimizer is not None:
+        optimizer.wait_params()  # the parameter all-gathers of an overlapped ZeRO step
     pieces = my_pieces(modules, topo, optimizer)
     if background:  # the copy training may overwrite from the next step on
         pieces = [(pc, flat.detach().to("cpu", copy=True)) for pc, flat in pieces]
@@ -330,6 +332,8 @@ class _Plan:
                                f"first: {names[0]!r}): --resume needs all of it; --init-from loads the weights alone")
 
     def load(self, modules, optimizer, topo, weights_only: bool) -> dict:
+        if optimizer is not None:
+            optimizer.wait_params()  # nothing in flight may overwrite what is loaded
         with torch.no_grad():
             for name, p in named_params(modules):
                 p.copy_(self.index.local(name, p).to(p.dtype))

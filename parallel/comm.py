@@ -104,15 +104,21 @@ def all_gather(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     return all_gather_start(tensor, group, dim)()
 
 
-def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group) -> None:
-    """Fill the flat `out` with every rank's flat `shard` (which may be a view of `out`)."""
+def all_gather_into_start(out: torch.Tensor, shard: torch.Tensor, group):
+    """Launch filling the flat `out` with every rank's flat `shard` (which may be a view of
+    `out`); returns `finish()`, which waits. `out` must not be read until then."""
     if group_size(group) == 1:
-        return
+        return lambda: None
     _record("all_gather", out)
     if _ring(group, shard):
-        ring.all_gather_start(shard, group, out=out)()
-    else:
-        _all_gather_single(out, shard.clone(), group=group)
+        return ring.all_gather_start(shard, group, out=out)
+    work = _all_gather_single(out, shard.clone(), group=group, async_op=True)
+    return work.wait
+
+
+def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group) -> None:
+    """Fill the flat `out` with every rank's flat `shard` (which may be a view of `out`)."""
+    all_gather_into_start(out, shard, group)()
 
 
 def reduce_scatter_start(tensor: torch.Tensor, group):

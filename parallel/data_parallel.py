@@ -72,6 +72,10 @@ class GradBuckets:
             if run:
                 self.buckets.append(Bucket(run, grad_dtype, self.dp, decay))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        # bucket indices by the first use of their parameters in forward (`params`' order)
+        position = {id(p): k for k, p in enumerate(params)}
+        self.forward_order = sorted(range(len(self.buckets)),
+                                    key=lambda i: min(position[id(p)] for p in self.buckets[i].params))
         for b in self.buckets:
             b.tp_partial = [p for p in b.params if getattr(p, "sequence_parallel", False) and tp_group is not None]
             for p in b.tp_partial:

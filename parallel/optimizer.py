@@ -9,7 +9,10 @@ which are then their own master weights.
 Distributed optimizer: each data-parallel rank owns 1/dp of every bucket, holds the master
 weights and Adam moments of that slice only, receives the gradients of that slice by
 reduce-scatter, updates it, and all-gathers the updated parameters: optimiser memory divides by dp
-and the traffic equals one all-reduce.
+and the traffic equals one all-reduce. With `overlap_param_gather` (Megatron-LM's option of that
+name) the all-gathers are only launched by `step()`, in the order the forward uses the buckets,
+and the next forward waits for each bucket just before the first module that reads it
+(`wait_before_forward`): the gather of later layers runs behind the compute of earlier ones.
 
 The gradient norm is global over tp, pp and dp, each logical parameter counted once: a
 tp-replicated tensor (norm weights) is counted on tp rank 0 only, sharded tensors on every rank.
@@ -42,8 +45,11 @@ def make_adamw(groups, lr, betas, eps, device_type: str):
 
 class Optimizer:
     def __init__(self, buckets: GradBuckets, topo, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, grad_clip: float = 1.0, distributed: bool = False):
+                 weight_decay: float = 0.1, grad_clip: float = 1.0, distributed: bool = False,
+                 overlap_param_gather: bool = False):
         self.buckets, self.topo, self.grad_clip, self.distributed = buckets, topo, grad_clip, distributed
+        self.overlap_param_gather = overlap_param_gather and distributed
+        self._gathers: dict[int, object] = {}  # bucket index -> finish() of its parameter all-gather, launch order
         dp_rank = buckets.dp_rank
         self.ranges, self.masters, self.norm_slices = [], [], []
         for b in buckets.buckets:
@@ -105,9 +111,44 @@ class Optimizer:
             master.grad = None
             if not self.master_is_param[i]:
                 b.data[lo:hi].copy_(master)
-            if self.distributed:
-                comm.all_gather_into(b.data, b.data[lo:hi], self.buckets.dp_group)
+        if self.distributed:
+            self._gather_params()
         return norm, False
+
+    # --- ZeRO-1: every dp rank's updated slice to every dp rank ---
+
+    def _gather_params(self) -> None:
+        self.wait_params()  # a bucket no forward read since the last step (none in our models)
+        for i in self.buckets.forward_order:
+            lo, hi = self.ranges[i]
+            b = self.buckets.buckets[i]
+            self._gathers[i] = comm.all_gather_into_start(b.data, b.data[lo:hi], self.buckets.dp_group)
+        if not self.overlap_param_gather:
+            self.wait_params()
+
+    def wait_params(self, buckets=None) -> None:
+        """Wait for the parameter all-gathers in flight: all of them, or those of the bucket
+        indices `buckets`. Anything that reads or writes parameters outside a forward calls this
+        first."""
+        for i in list(self._gathers) if buckets is None else [i for i in buckets if i in self._gathers]:
+            self._gathers.pop(i)()
+
+    def wait_before_forward(self, modules) -> None:
+        """Under overlap_param_gather: before a submodule of `modules` runs its forward, wait for
+        the gathers of the buckets holding its parameters, its children's included (a layer may
+        use its children's weights without calling them: the column layers' fused matmuls). The
+        roots' hooks cover only their own parameters: a root's forward starts the whole chunk."""
+        if not self.overlap_param_gather:
+            return
+        index = {id(b): i for i, b in enumerate(self.buckets.buckets)}
+        for root in modules:
+            for sub in root.modules():
+                params = sub.parameters(recurse=sub is not root)
+                mine = sorted({index[id(self.buckets.bucket_of[id(p)])] for p in params
+                               if id(p) in self.buckets.bucket_of})
+                if mine:
+                    sub.register_forward_pre_hook(lambda _m, _a, mine=mine: self.wait_params(mine)
+                                                  if self._gathers else None)
 
     # --- checkpointing: per bucket, this rank's slice of master weights and Adam moments ---
 
@@ -124,6 +165,7 @@ class Optimizer:
         return self.steps_taken
 
     def load_bucket_state(self, i: int, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
+        self.wait_params()  # no gather in flight may overwrite what is loaded
         master = self.masters[i]
         master.copy_(tensors["master"])
         if self.distributed and self.master_is_param[i]:
@@ -141,5 +183,6 @@ class Optimizer:
 
     def masters_from_params(self) -> None:
         """Restart the master weights from the parameters (after loading weights only)."""
+        self.wait_params()
         for master, (lo, hi), b in zip(self.masters, self.ranges, self.buckets.buckets):
             master.copy_(b.data[lo:hi])

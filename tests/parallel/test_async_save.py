@@ -62,14 +62,18 @@ def _fail_in_the_thread(root):
     topo = topology(1, 1, 2)
     chunks, optimizer = _trained(topo)
     save_checkpoint(root, 1, chunks, optimizer, topo, meta={"consumed_samples": 32})
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
     limit = 64 * 1024  # under each rank's pieces, above the index, meta.json and RNG states
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    pending = save_checkpoint(root, 2, chunks, optimizer, topo, meta={"consumed_samples": 64}, background=True)
-    try:
+    try:  # the rank processes serve later tests: the limit goes with this one
+        pending = save_checkpoint(root, 2, chunks, optimizer, topo, meta={"consumed_samples": 64}, background=True)
         pending.finish()
     except CheckpointError as err:
         return str(err)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
     return "no error"
 
 
