@@ -1,13 +1,14 @@
 """Parallel efficiency of tensor parallelism on CPU: one process with 2 threads against 2
 processes with 1 thread each (tp=2), on the same batch, with and without sequence parallelism.
 
-    python -m benchmarks.tp_efficiency [--rounds 4] [--steps 5] [--profile]
+    python -m benchmarks.tp_efficiency [--rounds 4] [--steps 5] [--profile] [--tiny]
 
 A step is forward + backward into complete gradients (through the trainer's gradient buckets,
 which also sum the sp norm gains across tp). efficiency = T(1 process) / T(tp=2): 1.0 is perfect
 scaling. The settings take turns round by round (each round: the median of `steps` steps per
 setting) so the machine's slow spells hit all of them; printed: the median over rounds.
 `--profile` prints, for tp=2 and sp, rank 0's operators by self time (torch.profiler).
+`--tiny`: the demo's tiny config (dim 128, a micro-batch of 8 x 128) instead of dim 512.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.distributed import run_on_ranks, topology
 
 CFG = LlamaConfig(dim=512, n_layers=4, n_heads=8, vocab_size=4096, multiple_of=64, max_seq_len=256)
 BATCH, SEQ = 4, 256
+TINY = LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=4096, multiple_of=32, max_seq_len=256), 8, 128
 SETTINGS = {"tp=2": dict(sp=False), "tp=2 sp": dict(sp=True), "tp=2 sp keep_gathered": dict(sp=True, keep=True)}
 
 
@@ -72,7 +74,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
+    if args.tiny:  # the worker processes fork from here: they see the same globals
+        global CFG, BATCH, SEQ
+        CFG, BATCH, SEQ = TINY
     if args.profile:
         for setting in ("tp=2", "tp=2 sp"):
             print(f"--- {setting}, rank 0 ---\n{run_on_ranks(_tp_step, 2, setting, args.steps, True, timeout=900)[0]}")
