@@ -8,6 +8,8 @@ model) is in memory at once. Every tensor is checked against the shape the confi
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import resource
 from dataclasses import asdict
 from pathlib import Path
@@ -100,6 +102,56 @@ class MetaReader:
         return _check(name, full, shape, self.source)
 
 
+class PickledTensors:
+    """A PyTorch `pytorch_model*.bin` file, read as TensorFile is: `names`, `dtype()`, `get()`.
+    Loaded with `weights_only=True` (memory-mapped where the file's format allows): a pickle
+    that would need code to load is refused, never run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            try:
+                self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:  # the legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(err):
+                    raise
+                self.state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConversionError(f"{path}: no such file (named by the checkpoint's index)") from None
+        except pickle.UnpicklingError as err:
+            needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            raise ConversionError(f"{path}: refused: its pickle needs code to load "
+                                  f"({needs.group(1) if needs else 'an object that is not a tensor'}), and this "
+                                  "tool never runs code from a checkpoint (torch.load weights_only=True)") from None
+        except Exception as err:
+            raise ConversionError(f"{path}: cannot be read as a PyTorch checkpoint (truncated or corrupted?): "
+                                  f"{str(err).splitlines()[0]}") from None
+        if not isinstance(self.state, dict) or not all(isinstance(t, torch.Tensor) for t in self.state.values()):
+            raise ConversionError(f"{path}: not a state dict of tensors")
+        self.names = list(self.state)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+# Hugging Face's weight files, in the order transformers prefers them: (index, single file)
+HF_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
+              ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    for index, single in HF_WEIGHTS:
+        if (path / index).is_file():
+            return [path / f for f in _weight_files(path / index)]
+        if (path / single).is_file():
+            return [path / single]
+    names = ", ".join(n for pair in HF_WEIGHTS for n in pair)
+    raise ConversionError(f"{path}: no weights: none of {names}")
+
+
 class HFReader:
     def __init__(self, path):
         path = Path(path)
@@ -108,11 +160,9 @@ class HFReader:
             raise ConversionError(f"{self.source}: no config.json (not a Hugging Face model)")
         self.cfg = _config(formats.config_from_hf, path / "config.json",
                            read_json(path / "config.json", "Hugging Face config"))
-        index = path / "model.safetensors.index.json"
-        files = _weight_files(index) if index.is_file() else ["model.safetensors"]
         self.files = {}
-        for f in files:
-            tf = TensorFile(path / f)
+        for f in _hf_weight_files(path):
+            tf = TensorFile(f) if f.suffix == ".safetensors" else PickledTensors(f)
             self.files.update({n: tf for n in tf.names})
 
     def dtype(self, name: str) -> torch.dtype:

@@ -31,6 +31,27 @@ def _hf_model(path):
     return model
 
 
+def _as_pytorch_bin(path, model, shards: int = 1):
+    """Rewrite a saved model's weights as older transformers wrote them (this one writes
+    safetensors only): pytorch_model.bin, or `shards` pytorch_model-NNNNN-of-NNNNN.bin files
+    and pytorch_model.bin.index.json."""
+    (path / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(state, path / "pytorch_model.bin")
+        return
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n] for n in names[i::shards]}
+        torch.save(part, path / file)
+        weight_map |= dict.fromkeys(part, file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+
+
 def _same_tensors(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
@@ -114,3 +135,34 @@ def test_bad_inputs_fail_with_the_file_and_the_rule(tmp_path, capsys):
     assert convert_main(["--from", "hf", "--to", "meta", "--input", str(tmp_path / "hf"),
                          "--output", str(tmp_path / "m"), "--tp", "2"]) == 0
     assert "peak memory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_files_convert_exactly(tmp_path, shards):
+    """Older Hugging Face models: pytorch_model.bin, or pytorch_model-NNNNN-of-NNNNN.bin with
+    pytorch_model.bin.index.json."""
+    model = _hf_model(tmp_path / "hf")
+    _as_pytorch_bin(tmp_path / "hf", model, shards)
+    convert("hf", tmp_path / "hf", "native", tmp_path / "native")
+    convert("native", tmp_path / "native", "hf", tmp_path / "hf2")
+    _same_tensors(dict(model.state_dict()), load_file(tmp_path / "hf2" / "model.safetensors"))
+
+
+class NeedsCode:  # a pickled object of this class can only be loaded by running this module's code
+    pass
+
+
+def test_a_pickle_that_needs_code_is_refused_with_a_line(tmp_path, capsys):
+    _as_pytorch_bin(tmp_path / "hf", _hf_model(tmp_path / "hf"))
+    state = torch.load(tmp_path / "hf" / "pytorch_model.bin", weights_only=True)
+    torch.save(state | {"extra": NeedsCode()}, tmp_path / "hf" / "pytorch_model.bin")
+    capsys.readouterr()
+    assert convert_main(["--from", "hf", "--to", "native", "--input", str(tmp_path / "hf"),
+                         "--output", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "pytorch_model.bin: refused: its pickle needs code to load (tests.llama.test_convert.NeedsCode)" in err
+    (tmp_path / "hf" / "pytorch_model.bin").unlink()
+    assert convert_main(["--from", "hf", "--to", "native", "--input", str(tmp_path / "hf"),
+                         "--output", str(tmp_path / "n")]) == 2
+    assert "no weights: none of model.safetensors.index.json" in capsys.readouterr().err
