@@ -252,15 +252,19 @@ def predict(run: RunConfig, layout: Layout, hw: Hardware, tokens: float) -> Pred
         grads, n = static["gradients"], static["buckets"]
         reduce_op = "reduce_scatter" if t.distributed_optimizer else "all_reduce"
         padded = static["param_bytes_padded"]
+        # --overlap-param-gather: ZeRO-1's gather runs behind the next step's first forward
+        behind_forward = t.distributed_optimizer and t.overlap_param_gather
         if measured:  # cpu-local: the reduction's measured cost beside backward's GEMMs is what it adds
-            gather = hw.collective_s("all_gather", padded, n) if t.distributed_optimizer else 0.0
+            gather = hw.collective_s("all_gather", padded, n, overlapped=behind_forward) \
+                if t.distributed_optimizer else 0.0
             dp_exposed = hw.collective_s(reduce_op, grads, n, overlapped=True) + gather
         else:
             reduce = hw.link_s(comm.wire_bytes(reduce_op, grads, t.dp), n, dp_inter)
             gather = hw.link_s(comm.wire_bytes("all_gather", padded, t.dp), n, dp_inter) \
                 if t.distributed_optimizer else 0.0
             last_backward = (compute_mb + tp_mb) * 2 / 3
-            dp_exposed = max(reduce - last_backward, 0.0) + gather
+            first_forward = (compute_mb + tp_mb) / 3 / t.vpp if behind_forward else 0.0  # one micro-batch, chunk 0
+            dp_exposed = max(reduce - last_backward, 0.0) + max(gather - first_forward, 0.0)
     else:
         dp_exposed = 0.0
     owned = static["params"] / (t.dp if t.distributed_optimizer else 1)

@@ -6,7 +6,7 @@ import pytest
 
 from llama.config import load_config
 from llama.hardware import load
-from llama.perf_model import Layout, carbon, checkpoint_save, predict
+from llama.perf_model import Layout, accumulation, carbon, checkpoint_save, predict
 from llama.plan import main, parse_amount
 from llama.step_profile import profile
 
@@ -78,6 +78,17 @@ def test_the_paper_layout_holds_its_rank_shapes_in_bf16_with_zero1():
     # share times 2048: within 1%); per GPU against the real writer in tests/parallel/test_checkpoint_pieces.py
     save = checkpoint_save(pred, run, load("a100-80gb"), 2.0)
     assert save["total_bytes"] == pytest.approx(m.num_params() * 14, rel=0.01)
+
+
+def test_the_overlapped_parameter_gather_hides_behind_one_forward_at_most():
+    run = load_config("llama-65b")
+    layout = Layout(8, 4, 64, 5, 1, True, "selective", True)
+    off = predict(run, layout, load("a100-80gb"), 1.4e12)
+    run.train.overlap_param_gather = True
+    on = predict(run, layout, load("a100-80gb"), 1.4e12)
+    first_forward = (off.time["compute"] + off.time["tp_comm"]) / accumulation(layout.apply(run)) / 3 / 5
+    assert off.time["dp_comm"] - first_forward <= on.time["dp_comm"] < off.time["dp_comm"]
+    assert on.time["total"] < off.time["total"]
 
 
 @pytest.mark.parametrize("argv,message", [
