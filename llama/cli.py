@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from contextlib import contextmanager
 
@@ -30,6 +31,21 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         sys.exit(fail(self.prog, f"{message} (see {self.prog} --help)"))
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a size as transformers writes it (5GB = 5·10⁹ bytes, 5GiB = 5·2³⁰,
+    or a number of bytes), at least one byte."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB, 2GiB or a number of bytes")
+    value = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    return value
 
 
 def int_at_least(low: int):

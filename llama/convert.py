@@ -226,7 +226,10 @@ def write_native(reader, out: Path) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def write_hf(reader, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+HF_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
+
+
+def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> None:
     names = formats.native_names(reader.cfg)
     dtype = reader.dtype(names[0][0])
     size = torch.empty((), dtype=dtype).element_size()
@@ -242,7 +245,7 @@ def write_hf(reader, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    weight_map = {}
+    weight_map, total_size = {}, 0
     for fname, group in zip(files, groups):
         specs = [(formats.to_hf_name(n), dtype, s) for n, s in group]
         writer = StreamingSafetensorsWriter(out / (fname + ".tmp"), specs, {"format": "pt"})
@@ -251,10 +254,12 @@ def write_hf(reader, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
             writer.write(formats.to_hf_name(n), formats.permute_to_hf(t, reader.cfg.n_heads)
                          if formats.is_rotary(n) else t)
             weight_map[formats.to_hf_name(n)] = fname
+            total_size += t.numel() * t.element_size()
         writer.close()
         (out / (fname + ".tmp")).replace(out / fname)
     if len(groups) > 1:
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}  # as transformers writes it
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     cfg = formats.hf_config(reader.cfg)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -284,7 +289,8 @@ def write_meta(reader, out: Path, tp: int = 1) -> None:
     (out / "params.json").write_text(json.dumps(params))
 
 
-def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int = 2048) -> dict:
+def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int = 2048,
+            max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> dict:
     """Convert; returns the config and the process's peak resident memory."""
     if dst_fmt not in FORMATS:
         raise ConversionError(f"format {dst_fmt!r} is not one of {FORMATS}")
@@ -293,7 +299,7 @@ def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int 
     if dst_fmt == "native":
         write_native(reader, dst)
     elif dst_fmt == "hf":
-        write_hf(reader, dst)
+        write_hf(reader, dst, max_shard_bytes)
     else:
         write_meta(reader, dst, tp)
     largest = max(torch.Size(s).numel() for _, s in formats.native_names(reader.cfg))

@@ -29,12 +29,16 @@ def build_parser() -> cli.Parser:
     parser.add_argument("--tp", type=cli.int_at_least(1), default=1, help="shards to write for --to meta")
     parser.add_argument("--max-seq-len", type=cli.int_at_least(1), default=2048,
                         help="context length to record (Meta's params.json has none)")
+    parser.add_argument("--max-shard-size", type=cli.byte_size, default="5GB",
+                        help="--to hf: the most bytes per model-NNNNN-of-NNNNN.safetensors file (5GB = 5e9 bytes, "
+                             "as transformers counts; 5GiB = 5·2^30); one model.safetensors when all fits")
     return parser
 
 
 def run(args) -> int:
     start = time.perf_counter()
-    info = convert(args.src_fmt, args.input, args.dst_fmt, args.output, args.tp, args.max_seq_len)
+    info = convert(args.src_fmt, args.input, args.dst_fmt, args.output, args.tp, args.max_seq_len,
+                   args.max_shard_size)
     cfg = info["config"]
     print(f"converted {args.src_fmt} → {args.dst_fmt}: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} "
           f"vocab={cfg.vocab_size}, {cfg.num_params():,} parameters in {time.perf_counter() - start:.1f} s; "

@@ -166,3 +166,36 @@ def test_a_pickle_that_needs_code_is_refused_with_a_line(tmp_path, capsys):
     assert convert_main(["--from", "hf", "--to", "native", "--input", str(tmp_path / "hf"),
                          "--output", str(tmp_path / "n")]) == 2
     assert "no weights: none of model.safetensors.index.json" in capsys.readouterr().err
+
+
+def test_a_sharded_hf_export_reloads_in_transformers_exactly(tmp_path):
+    import transformers
+    from safetensors import safe_open
+    model = _hf_model(tmp_path / "hf")
+    convert("hf", tmp_path / "hf", "native", tmp_path / "native")
+    out = tmp_path / "hf2"
+    assert convert_main(["--from", "native", "--to", "hf", "--input", str(tmp_path / "native"),
+                         "--output", str(out), "--max-shard-size", "100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and not (out / "model.safetensors").exists()
+    sizes = {}
+    for f in files:
+        with safe_open(out / f, "pt") as st:
+            sizes[f] = sum(st.get_tensor(k).numel() * 4 for k in st.keys())
+    assert max(sizes.values()) <= 100_000 and index["metadata"]["total_size"] == sum(sizes.values())
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    _same_tensors(dict(model.state_dict()), dict(reloaded.state_dict()))
+    tokens = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reloaded(tokens).logits)
+
+
+@pytest.mark.parametrize("text,message", [("5XB", "is not a size like 5GB"), ("0", "must be at least one byte")])
+def test_a_bad_shard_size_is_one_line(tmp_path, capsys, text, message):
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["--from", "native", "--to", "hf", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                      "--max-shard-size", text])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
