@@ -35,7 +35,7 @@ def hf_model(cfg: LlamaConfig, ours: Transformer, dtype):
     config = transformers.LlamaConfig(**hf_config(cfg))  # what llama-convert writes as config.json
     config._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(config).to(dtype)
-    state = {to_hf_name(n): (permute_to_hf(p.detach(), cfg.n_heads) if is_rotary(n) else p.detach()).clone()
+    state = {to_hf_name(n): (permute_to_hf(p.detach(), cfg.head_dim) if is_rotary(n) else p.detach()).clone()
              for n, p in ours.named_parameters()}
     model.load_state_dict(state, strict=True)
     return model.train()

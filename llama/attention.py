@@ -106,27 +106,37 @@ def causal_attention(q, k, v, backend: str = "sdpa", start_pos: int = 0):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention; heads are split across tp (wq, wk, wv by rows, wo by columns)."""
+    """Multi-head causal self-attention; heads are split across tp (wq, wk, wv by rows, wo by
+    columns). With grouped-query attention (`n_kv_heads` < n_heads, LLaMA 2 70B and LLaMA 3) wk
+    and wv have n_kv_heads heads, each serving n_heads / n_kv_heads consecutive query heads; tp
+    splits them too (it must divide n_kv_heads), so each rank's query heads find their kv heads
+    on the same rank, and the KV cache holds only those."""
 
     def __init__(self, dim: int, n_heads: int, n_layers: int, tp: TensorParallel = NO_TP,
-                 backend: str = "sdpa", device=None, dtype=None):
+                 backend: str = "sdpa", device=None, dtype=None, n_kv_heads: int | None = None):
         super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
         self.n_local_heads = divide(n_heads, tp.size, "n_heads")
+        self.n_local_kv_heads = divide(n_kv_heads, tp.size, "n_kv_heads")
         self.head_dim = dim // n_heads
         self.backend = backend
         kw = dict(tp=tp, device=device, dtype=dtype)
         self.wq = ColumnParallelLinear(dim, dim, **kw)
-        self.wk = ColumnParallelLinear(dim, dim, **kw)
-        self.wv = ColumnParallelLinear(dim, dim, **kw)
+        self.wk = ColumnParallelLinear(dim, n_kv_heads * self.head_dim, **kw)
+        self.wv = ColumnParallelLinear(dim, n_kv_heads * self.head_dim, **kw)
         # Residual-branch outputs scaled by 1/sqrt(2·n_layers) (GPT-2, Megatron-LM).
         self.wo = RowParallelLinear(dim, dim, init_std=0.02 / math.sqrt(2 * n_layers), **kw)
 
     def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
         xq, xk, xv = column_parallel(x, self.wq, self.wk, self.wv)
         b, s = xq.shape[:2]  # the full sequence, also when x was a sequence shard
-        xq, xk, xv = (t.view(b, s, self.n_local_heads, self.head_dim) for t in (xq, xk, xv))
+        xq = xq.view(b, s, self.n_local_heads, self.head_dim)
+        xk, xv = (t.view(b, s, self.n_local_kv_heads, self.head_dim) for t in (xk, xv))
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
         if kv_cache is not None:
             xk, xv = kv_cache.update(xk, xv, start_pos)
+        group = self.n_local_heads // self.n_local_kv_heads
+        if group > 1:  # query head h uses kv head h // group
+            xk, xv = xk.repeat_interleave(group, dim=2), xv.repeat_interleave(group, dim=2)
         out = causal_attention(xq, xk, xv, self.backend, start_pos)
         return self.wo(out.reshape(b, s, -1))

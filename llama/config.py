@@ -63,6 +63,7 @@ class LlamaConfig:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
+    n_kv_heads: int | None = None  # grouped-query attention (LLaMA 2 70B, LLaMA 3); None: n_heads
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
@@ -80,12 +81,26 @@ class LlamaConfig:
             raise ConfigError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
         if self.ffn_dim_multiplier is not None:
             _positive(self, "ffn_dim_multiplier")
+        if self.n_kv_heads is not None:
+            _positive(self, "n_kv_heads", integer=True)
+            if self.n_heads % self.n_kv_heads:
+                raise ConfigError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: each kv head "
+                                  "serves an equal group of query heads")
         if self.ffn_hidden is not None:
             _positive(self, "ffn_hidden", integer=True)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Rows of wk and wv: kv heads × head_dim (dim without grouped-query attention)."""
+        return self.kv_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -95,7 +110,7 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         """Parameter count from the shapes alone (embedding and output untied, no biases)."""
-        per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        per_layer = 2 * self.dim * (self.dim + self.kv_dim) + 3 * self.dim * self.ffn_dim + 2 * self.dim
         return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
 
 

@@ -177,7 +177,7 @@ class HFReader:
             raise ConversionError(f"{self.source}: no tensor {hf!r}")
         t = self.files[hf].get(hf)
         if formats.is_rotary(name):
-            t = formats.permute_from_hf(t, self.cfg.n_heads)
+            t = formats.permute_from_hf(t, self.cfg.head_dim)
         if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] > self.cfg.vocab_size:
             t = t[: self.cfg.vocab_size]
         return _check(name, t, shape, self.source)
@@ -251,7 +251,7 @@ def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> No
         writer = StreamingSafetensorsWriter(out / (fname + ".tmp"), specs, {"format": "pt"})
         for n, s in group:
             t = reader.tensor(n, s).to(dtype)
-            writer.write(formats.to_hf_name(n), formats.permute_to_hf(t, reader.cfg.n_heads)
+            writer.write(formats.to_hf_name(n), formats.permute_to_hf(t, reader.cfg.head_dim)
                          if formats.is_rotary(n) else t)
             weight_map[formats.to_hf_name(n)] = fname
             total_size += t.numel() * t.element_size()
@@ -270,7 +270,8 @@ def write_meta(reader, out: Path, tp: int = 1) -> None:
     names = formats.native_names(cfg)
     params = formats.meta_params(cfg)  # fails before anything is written if Meta cannot express it
     out.mkdir(parents=True, exist_ok=True)
-    for dim_name, value in (("dim", cfg.dim), ("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
+    for dim_name, value in (("dim", cfg.dim), ("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads),
+                            ("ffn_dim", cfg.ffn_dim)):
         if value % tp:
             raise ConversionError(f"{dim_name}={value} is not divisible by --tp {tp}")
     padded_vocab = -(-cfg.vocab_size // tp) * tp

@@ -33,12 +33,12 @@ _HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": 
 
 def native_names(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Every logical tensor of the model, in model order, with its shape."""
-    d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    d, f, v, kv = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.kv_dim
     out = [("tok_embeddings.weight", (v, d))]
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        out += [(p + "attention.wq.weight", (d, d)), (p + "attention.wk.weight", (d, d)),
-                (p + "attention.wv.weight", (d, d)), (p + "attention.wo.weight", (d, d)),
+        out += [(p + "attention.wq.weight", (d, d)), (p + "attention.wk.weight", (kv, d)),
+                (p + "attention.wv.weight", (kv, d)), (p + "attention.wo.weight", (d, d)),
                 (p + "feed_forward.w1.weight", (f, d)), (p + "feed_forward.w2.weight", (d, f)),
                 (p + "feed_forward.w3.weight", (f, d)), (p + "attention_norm.weight", (d,)),
                 (p + "ffn_norm.weight", (d,))]
@@ -63,14 +63,16 @@ def is_rotary(name: str) -> bool:
     return _suffix(name) in ("attention.wq.weight", "attention.wk.weight")
 
 
-def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's q/k rows (consecutive pairs) → HF's (halves), per head."""
+def permute_to_hf(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Meta's q/k rows (consecutive pairs) → HF's (halves), per head (wk has n_kv_heads of them)."""
     dim_out, dim_in = w.shape
+    n_heads = dim_out // head_dim
     return w.view(n_heads, dim_out // n_heads // 2, 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
 
 
-def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_from_hf(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     dim_out, dim_in = w.shape
+    n_heads = dim_out // head_dim
     return w.view(n_heads, 2, dim_out // n_heads // 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
 
 
@@ -79,6 +81,8 @@ def meta_params(cfg: LlamaConfig) -> dict:
               "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size}
     if cfg.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = cfg.ffn_dim_multiplier
+    if cfg.n_kv_heads is not None and cfg.n_kv_heads != cfg.n_heads:
+        params["n_kv_heads"] = cfg.n_kv_heads
     if cfg.rope_theta != 10000.0:
         params["rope_theta"] = cfg.rope_theta
     if cfg.ffn_dim != ffn_hidden_size(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier):
@@ -90,6 +94,7 @@ def meta_params(cfg: LlamaConfig) -> dict:
 def config_from_meta(params: dict, vocab_from_weights: int, max_seq_len: int = 2048) -> LlamaConfig:
     vocab = params.get("vocab_size", -1)
     return LlamaConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                       n_kv_heads=params.get("n_kv_heads"),
                        vocab_size=vocab if vocab and vocab > 0 else vocab_from_weights,
                        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                        norm_eps=params.get("norm_eps", 1e-6), rope_theta=params.get("rope_theta", 10000.0),
@@ -99,7 +104,7 @@ def config_from_meta(params: dict, vocab_from_weights: int, max_seq_len: int = 2
 def hf_config(cfg: LlamaConfig) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
             "intermediate_size": cfg.ffn_dim, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers, "rms_norm_eps": cfg.norm_eps,
+            "num_key_value_heads": cfg.kv_heads, "num_hidden_layers": cfg.n_layers, "rms_norm_eps": cfg.norm_eps,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
@@ -108,15 +113,13 @@ def hf_config(cfg: LlamaConfig) -> dict:
 
 def config_from_hf(c: dict) -> LlamaConfig:
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if kv != heads:
-        raise ValueError(f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention "
-                         "(LLaMA 2 70B, LLaMA 3) is not part of LLaMA 1")
     if c.get("tie_word_embeddings"):
         raise ValueError("tie_word_embeddings=true: LLaMA's input and output embeddings are separate")
     theta = (c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0
     dim, ffn = c["hidden_size"], c["intermediate_size"]
     # the paper's rule with the largest multiple_of that gives this width, else the width as such
     multiple = next((m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if ffn_hidden_size(dim, m) == ffn), None)
-    return LlamaConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, vocab_size=c["vocab_size"],
+    return LlamaConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=None if kv == heads else kv,
+                       vocab_size=c["vocab_size"],
                        norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 2048),
                        rope_theta=float(theta), multiple_of=multiple or 256, ffn_hidden=None if multiple else ffn)

@@ -39,7 +39,7 @@ class KVCache:
 def new_caches(model: Transformer, batch: int, max_len: int) -> dict:
     any_layer = next(iter(model.layers.values())).attention
     dtype, device = model.output.weight.dtype, model.output.weight.device
-    return {name: KVCache(batch, max_len, any_layer.n_local_heads, any_layer.head_dim, dtype, device)
+    return {name: KVCache(batch, max_len, any_layer.n_local_kv_heads, any_layer.head_dim, dtype, device)
             for name in model.layers}
 
 

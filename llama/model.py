@@ -42,6 +42,9 @@ def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: 
     for name, value in (("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by tp={tp}; choose tp in {_tp_choices(value, ranks)}")
+    if cfg.kv_heads % tp:  # tp > n_kv_heads needs kv heads replicated over tp ranks: not built
+        raise ValueError(f"n_kv_heads={cfg.kv_heads} is not divisible by tp={tp}: each tp rank holds whole kv heads; "
+                         f"choose tp in {_tp_choices(cfg.kv_heads, ranks)}")
     if sp and seq_len is not None and seq_len % tp:
         raise ValueError(f"seq_len={seq_len} is not divisible by tp={tp}: sequence parallelism shards the "
                          f"sequence over the tp ranks; pad the sequence or turn sp off")
@@ -96,7 +99,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel = NO_TP, backend="sdpa", device=None, dtype=None):
         super().__init__()
         kw = dict(tp=tp, device=device, dtype=dtype)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_layers, backend=backend, **kw)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_layers, backend=backend, n_kv_heads=cfg.kv_heads, **kw)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, cfg.n_layers, **kw)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)

@@ -21,6 +21,24 @@ PRESETS = {
 }
 
 
+# LLaMA 2 and 3: the counts issue 19 gives, which transformers' own model of the same config has too
+LATER_PRESETS = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192,
+                 "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}
+
+
+@pytest.mark.parametrize("name", list(LATER_PRESETS))
+def test_llama2_and_llama3_presets_count_what_transformers_counts(name):
+    import transformers
+
+    from llama.formats import hf_config
+    cfg = load_config(name).model
+    ours = sum(p.numel() for p in Transformer(cfg, device="meta").parameters())
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg)))
+                     .parameters())
+    assert ours == theirs == cfg.num_params() == LATER_PRESETS[name]
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_parameter_count_on_meta_device(name):
     cfg = load_config(name).model
@@ -61,6 +79,10 @@ def _raises_one_line(match: str, fn, *args, **kwargs) -> str:
 
 def test_dim_not_divisible_by_heads():
     _raises_one_line(r"dim=100.*n_heads=3", LlamaConfig, dim=100, n_heads=3)
+
+
+def test_kv_heads_that_do_not_divide_the_heads():
+    _raises_one_line(r"n_kv_heads=3 does not divide n_heads=8", LlamaConfig, dim=64, n_heads=8, n_kv_heads=3)
 
 
 def test_odd_head_dim():

@@ -3,7 +3,7 @@ tp=2; sampling, EOS and prompts of different lengths behave."""
 import torch
 
 from llama.config import LlamaConfig
-from llama.generate import generate, sample_next
+from llama.generate import generate, new_caches, sample_next
 from llama.model import Transformer
 from parallel.layers import NO_TP, TensorParallel
 from parallel.params import init_parameters
@@ -13,8 +13,11 @@ CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=97, multiple_of=16, 
 PROMPTS = [[1, 5, 9, 11, 3], [1, 40], [1, 7, 7, 7, 7, 7, 7, 7, 2, 60]]
 
 
-def _model(tp=NO_TP):
-    model = Transformer(CFG, tp=tp, attention="sdpa").eval()
+GQA = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
+
+
+def _model(tp=NO_TP, cfg=CFG):
+    model = Transformer(cfg, tp=tp, attention="sdpa").eval()
     init_parameters(model, 11)
     with torch.no_grad():  # sharper logits than the 0.02 init gives, so greedy ties are not an issue
         for p in model.parameters():
@@ -23,8 +26,8 @@ def _model(tp=NO_TP):
     return model
 
 
-def _cached_and_recomputed(tp_size):
-    model = _model(TensorParallel(topology(tp=tp_size).tp_group) if tp_size > 1 else TensorParallel())
+def _cached_and_recomputed(tp_size, cfg=CFG):
+    model = _model(TensorParallel(topology(tp=tp_size).tp_group) if tp_size > 1 else TensorParallel(), cfg)
     cached = generate(model, PROMPTS, 20)
     recomputed = generate(model, PROMPTS, 20, use_cache=False)
     return cached, recomputed
@@ -40,6 +43,15 @@ def test_kv_cache_equals_recomputation_at_tp2_and_tp1():
     assert out[0] == out[1]  # both tp ranks produce the same tokens
     assert out[0][0] == out[0][1]
     assert out[0][0] == _cached_and_recomputed(1)[0]  # and the same as one process
+
+
+def test_grouped_query_attention_caches_only_its_kv_heads_and_generates_alike_at_tp2():
+    cache = new_caches(_model(cfg=GQA), 1, 8)["0"]
+    assert cache.k.shape == (1, 8, 2, 8)  # 2 kv heads of head_dim 8, not the 8 query heads
+    one = _cached_and_recomputed(1, GQA)
+    assert one[0] == one[1]
+    out = run_on_ranks(_cached_and_recomputed, 2, 2, GQA)
+    assert out[0] == out[1] and out[0][0] == out[0][1] == one[0]
 
 
 def test_prompts_are_kept_and_eos_stops():

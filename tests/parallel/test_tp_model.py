@@ -30,11 +30,11 @@ def _run(model, tokens, targets):
     return logits, loss
 
 
-def _model_equals_one_process(tp_size, sp, recompute="none"):
+def _model_equals_one_process(tp_size, sp, recompute="none", cfg=CFG):
     torch.manual_seed(0)
-    tokens = torch.randint(0, CFG.vocab_size, (2, 16))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     targets = torch.roll(tokens, -1, dims=1)
-    ref = Transformer(CFG, attention="sdpa")
+    ref = Transformer(cfg, attention="sdpa")
     init_parameters(ref, seed=3)
     ref_logits, ref_loss = _run(ref, tokens, targets)
 
@@ -44,7 +44,7 @@ def _model_equals_one_process(tp_size, sp, recompute="none"):
     variants = [(True, False), (False, False)] + ([(True, True)] if sp else [])
     for overlap, keep in variants:
         tp = TensorParallel(topology(tp=tp_size).tp_group, sp=sp, overlap=overlap, keep_gathered=keep)
-        model = Transformer(CFG, tp=tp, attention="sdpa", recompute=recompute)
+        model = Transformer(cfg, tp=tp, attention="sdpa", recompute=recompute)
         init_parameters(model, seed=3)
         logits, loss = _run(model, tokens, targets)
         _rel_close(logits, ref_logits, "logits")
@@ -64,6 +64,14 @@ def _model_equals_one_process(tp_size, sp, recompute="none"):
 @pytest.mark.parametrize("sp", [False, True])
 def test_model_matches_tp1(tp_size, sp):
     run_on_ranks(_model_equals_one_process, tp_size, tp_size, sp)
+
+
+@pytest.mark.parametrize("kv,tp_size", [(2, 2), (4, 2), (4, 4)])
+@pytest.mark.parametrize("sp", [False, True])
+def test_grouped_query_attention_matches_tp1(kv, tp_size, sp):
+    """8 query heads sharing `kv` kv heads, split over tp ranks that each hold whole kv heads."""
+    gqa = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=kv, vocab_size=250, multiple_of=16, max_seq_len=32)
+    run_on_ranks(_model_equals_one_process, tp_size, tp_size, sp, cfg=gqa)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
@@ -91,3 +99,7 @@ def test_layouts_that_cannot_split_fail_clearly_before_any_collective():
     assert msgs[0].startswith("ffn_dim=45 is not divisible by tp=2")
     msgs = run_on_ranks(_bad_layout, 2, 2, CFG, 15, True)
     assert msgs[0].startswith("seq_len=15 is not divisible by tp=2: sequence parallelism")
+    msgs = run_on_ranks(_bad_layout, 4, 4, LlamaConfig(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=64,
+                                                       multiple_of=16, max_seq_len=32), 8, False)
+    assert msgs[0] == ("n_kv_heads=2 is not divisible by tp=4: each tp rank holds whole kv heads; "
+                       "choose tp in [1, 2]")
