@@ -166,12 +166,8 @@ def _data_parallel(case: str, rounds: int, bucket_mb: float) -> dict:
     else:
         times = medians(interleaved(steps, rounds, dist.barrier))
     model, buckets, opt = runs[False]
-    if gather:
-        def gather_of(i):
-            b, (lo, hi) = buckets.buckets[i], opt.ranges[i]
-            out = torch.empty_like(b.data)
-            return lambda: comm.all_gather_into_start(out, out[lo:hi], topo.dp_group)
-        launches = [gather_of(i) for i in buckets.forward_order]
+    if gather:  # the optimizer's own gathers (this one's block at once): every rank's slice again
+        launches = [lambda: (opt._gather_params(), lambda: None)[1]]
     else:
         start = comm.reduce_scatter_start if zero else comm.all_reduce_start
         launches = [lambda b=b: start(b.grad.clone(), topo.dp_group) for b in buckets.buckets]

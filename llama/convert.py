@@ -68,42 +68,9 @@ class NativeReader:
         return _check(name, self.index.logical(name), shape, self.source)
 
 
-class MetaReader:
-    def __init__(self, path, max_seq_len: int = 2048):
-        path = Path(path)
-        self.source = str(path)
-        if not (path / "params.json").is_file():
-            raise ConversionError(f"{self.source}: no params.json (not Meta's format)")
-        self.shards = sorted(path.glob("consolidated.*.pth"))
-        if not self.shards:
-            raise ConversionError(f"{self.source}: no consolidated.NN.pth files")
-        self.state = []
-        for f in self.shards:  # memory-mapped: nothing is read until a tensor is used
-            try:
-                self.state.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as err:
-                raise ConversionError(f"{f}: cannot be read as a PyTorch checkpoint (truncated or corrupted?): "
-                                      f"{str(err).splitlines()[0]}") from None
-        params = read_json(path / "params.json", "Meta's params.json")
-        vocab = self.state[0]["tok_embeddings.weight"].shape[0]
-        self.cfg = _config(formats.config_from_meta, path / "params.json", params, vocab, max_seq_len)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.state[0][name].dtype
-
-    def tensor(self, name: str, shape) -> torch.Tensor:
-        parts = [s[name] for s in self.state if name in s]
-        if len(parts) != len(self.shards):
-            raise ConversionError(f"{self.source}: {name} is missing from some consolidated.NN.pth")
-        dim = formats.meta_split_dim(name)
-        full = parts[0] if dim is None else torch.cat(parts, dim=dim)
-        if name in ("tok_embeddings.weight", "output.weight") and full.shape[0] > self.cfg.vocab_size:
-            full = full[: self.cfg.vocab_size]  # rows padded for the shard count
-        return _check(name, full, shape, self.source)
-
-
 class PickledTensors:
-    """A PyTorch `pytorch_model*.bin` file, read as TensorFile is: `names`, `dtype()`, `get()`.
+    """A PyTorch pickle of tensors (Meta's `consolidated.NN.pth`, Hugging Face's
+    `pytorch_model*.bin`), read as TensorFile is: `names`, `dtype()`, `get()`.
     Loaded with `weights_only=True` (memory-mapped where the file's format allows): a pickle
     that would need code to load is refused, never run."""
 
@@ -117,7 +84,7 @@ class PickledTensors:
                     raise
                 self.state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise ConversionError(f"{path}: no such file (named by the checkpoint's index)") from None
+            raise ConversionError(f"{path}: no such file") from None
         except pickle.UnpicklingError as err:
             needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             raise ConversionError(f"{path}: refused: its pickle needs code to load "
@@ -135,6 +102,34 @@ class PickledTensors:
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
+
+
+class MetaReader:
+    def __init__(self, path, max_seq_len: int = 2048):
+        path = Path(path)
+        self.source = str(path)
+        if not (path / "params.json").is_file():
+            raise ConversionError(f"{self.source}: no params.json (not Meta's format)")
+        self.shards = sorted(path.glob("consolidated.*.pth"))
+        if not self.shards:
+            raise ConversionError(f"{self.source}: no consolidated.NN.pth files")
+        self.state = [PickledTensors(f).state for f in self.shards]  # memory-mapped: read when used
+        params = read_json(path / "params.json", "Meta's params.json")
+        vocab = self.state[0]["tok_embeddings.weight"].shape[0]
+        self.cfg = _config(formats.config_from_meta, path / "params.json", params, vocab, max_seq_len)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[0][name].dtype
+
+    def tensor(self, name: str, shape) -> torch.Tensor:
+        parts = [s[name] for s in self.state if name in s]
+        if len(parts) != len(self.shards):
+            raise ConversionError(f"{self.source}: {name} is missing from some consolidated.NN.pth")
+        dim = formats.meta_split_dim(name)
+        full = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        if name in ("tok_embeddings.weight", "output.weight") and full.shape[0] > self.cfg.vocab_size:
+            full = full[: self.cfg.vocab_size]  # rows padded for the shard count
+        return _check(name, full, shape, self.source)
 
 
 # Hugging Face's weight files, in the order transformers prefers them: (index, single file)

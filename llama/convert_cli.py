@@ -10,7 +10,7 @@ import sys
 import time
 
 from llama import cli
-from llama.convert import CHECKPOINT_ERRORS, FORMATS, convert
+from llama.convert import CHECKPOINT_ERRORS, FORMATS, HF_MAX_SHARD_BYTES, convert
 
 EXAMPLES = """examples:
   llama-convert --from meta --to native --input LLaMA/7B --output ckpt/llama-7b   # then llama-train --init-from
@@ -29,7 +29,7 @@ def build_parser() -> cli.Parser:
     parser.add_argument("--tp", type=cli.int_at_least(1), default=1, help="shards to write for --to meta")
     parser.add_argument("--max-seq-len", type=cli.int_at_least(1), default=2048,
                         help="context length to record (Meta's params.json has none)")
-    parser.add_argument("--max-shard-size", type=cli.byte_size, default="5GB",
+    parser.add_argument("--max-shard-size", type=cli.byte_size, default=HF_MAX_SHARD_BYTES,
                         help="--to hf: the most bytes per model-NNNNN-of-NNNNN.safetensors file (5GB = 5e9 bytes, "
                              "as transformers counts; 5GiB = 5·2^30); one model.safetensors when all fits")
     return parser

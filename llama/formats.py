@@ -66,14 +66,12 @@ def is_rotary(name: str) -> bool:
 def permute_to_hf(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Meta's q/k rows (consecutive pairs) → HF's (halves), per head (wk has n_kv_heads of them)."""
     dim_out, dim_in = w.shape
-    n_heads = dim_out // head_dim
-    return w.view(n_heads, dim_out // n_heads // 2, 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
+    return w.view(-1, head_dim // 2, 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
 
 
 def permute_from_hf(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     dim_out, dim_in = w.shape
-    n_heads = dim_out // head_dim
-    return w.view(n_heads, 2, dim_out // n_heads // 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
+    return w.view(-1, 2, head_dim // 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
 
 
 def meta_params(cfg: LlamaConfig) -> dict:

@@ -129,7 +129,8 @@ class Optimizer:
     def wait_params(self, buckets=None) -> None:
         """Wait for the parameter all-gathers in flight: all of them, or those of the bucket
         indices `buckets`. Anything that reads or writes parameters outside a forward calls this
-        first."""
+        first: a checkpoint's save and load (before the optimizer's own loading), the end of
+        training."""
         for i in list(self._gathers) if buckets is None else [i for i in buckets if i in self._gathers]:
             self._gathers.pop(i)()
 
@@ -165,7 +166,6 @@ class Optimizer:
         return self.steps_taken
 
     def load_bucket_state(self, i: int, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
-        self.wait_params()  # no gather in flight may overwrite what is loaded
         master = self.masters[i]
         master.copy_(tensors["master"])
         if self.distributed and self.master_is_param[i]:
@@ -183,6 +183,5 @@ class Optimizer:
 
     def masters_from_params(self) -> None:
         """Restart the master weights from the parameters (after loading weights only)."""
-        self.wait_params()
         for master, (lo, hi), b in zip(self.masters, self.ranges, self.buckets.buckets):
             master.copy_(b.data[lo:hi])

@@ -89,6 +89,9 @@ def test_the_overlapped_parameter_gather_hides_behind_one_forward_at_most():
     first_forward = (off.time["compute"] + off.time["tp_comm"]) / accumulation(layout.apply(run)) / 3 / 5
     assert off.time["dp_comm"] - first_forward <= on.time["dp_comm"] < off.time["dp_comm"]
     assert on.time["total"] < off.time["total"]
+    without_zero = Layout(8, 4, 64, 5, 1, True, "selective", False)  # nothing to gather: the flag changes nothing
+    assert predict(run, without_zero, load("a100-80gb"), 1.4e12).time == \
+        predict(load_config("llama-65b"), without_zero, load("a100-80gb"), 1.4e12).time
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -43,15 +43,16 @@ def _pending_per_layer():
 
 
 def test_the_forward_waits_bucket_by_bucket_while_later_gathers_are_in_flight():
-    for out in run_on_ranks(_pending_per_layer, 2, timeout=120):
+    outs = run_on_ranks(_pending_per_layer, 2, timeout=120)
+    for out in outs:
         assert out["buckets"] >= CFG.n_layers, "the test needs about one bucket per layer"
         assert out["launched"] == out["buckets"], "step() must leave every bucket's gather in flight"
         pending = out["pending"]
         assert pending == sorted(pending, reverse=True) and pending[-1] > 0, \
             f"gathers in flight at each layer's start {pending}: the last layers' must wait until they run"
         assert out["after"] == 0
-    a, b = (out["params"] for out in run_on_ranks(_pending_per_layer, 2, timeout=120))
-    assert torch.equal(a, b), "after the forward every dp rank must hold every rank's updated slice"
+    assert torch.equal(outs[0]["params"], outs[1]["params"]), \
+        "after the forward every dp rank must hold every rank's updated slice"
 
 
 def _train_with_lazy_gathers(tp, pp, **kw):
