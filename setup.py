@@ -19,10 +19,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "transformers>=4.40", "ruff>=0.5"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "transformers>=4.40", "ruff>=0.5", "tensorboard>=2.14"],
         "mpi": ["mpi4py>=3.1"],
         "xformers": ["xformers>=0.0.23"],
         "plot": ["matplotlib>=3.6"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
     },
     entry_points={"console_scripts": ["llama-train=llama.train:main", "llama-convert=llama.convert_cli:main",
                                       "llama-generate=llama.generate:main", "llama-eval=llama.evaluate:main",

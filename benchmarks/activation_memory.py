@@ -1,7 +1,7 @@
 """Activation memory per transformer layer, measured, against Korthikanti et al.'s accounting
 adapted to LLaMA's layer (pre-RMSNorm, rotary attention, SwiGLU, no dropout, flash attention).
 
-    python -m benchmarks.activation_memory [--dim 256 --seq 256 --batch 2]
+    python -m benchmarks.activation_memory [--dim 256 --seq 256 --batch 2] [--kv-heads 2]
 
 Measured: bytes a bf16 forward pass leaves alive for backward (parallel.memory.SavedActivationMemory),
 for a 2-layer minus a 1-layer model, so one layer's share; at tp=1, and at tp=2 with and without
@@ -19,7 +19,8 @@ t = tp, and r = t under sequence parallelism else 1 (what only sp divides):
            + 4asb/t  the attention kernel's log-sum-exp (fp32)
            + 8sb/r   the norms' 1/rms (fp32)
   selective  2E/r    the layer input, then only matmul and attention outputs (the paper's choice):
-           + 8E/t    q, k, v before RoPE and the attention output
+           + 8E/t    q, k, v before RoPE and the attention output (k and v are a fraction
+                     max(kv, t)/a of q's width under grouped-query attention: 4E/t + 4E·max(kv, t)/(a·t))
            + 4E      wo's and w2's outputs: partial sums of the full width before the tp reduction
            + 4F/t    w1·x and w3·x
            + 4asb/t
@@ -69,14 +70,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, help="grouped-query attention (default: --heads)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     dtype = torch.bfloat16
-    kw = dict(dim=args.dim, n_heads=args.heads, vocab_size=512, multiple_of=64, max_seq_len=args.seq)
+    kw = dict(dim=args.dim, n_heads=args.heads, n_kv_heads=args.kv_heads, vocab_size=512, multiple_of=64,
+              max_seq_len=args.seq)
     f = LlamaConfig(**kw).ffn_dim
     s, b, h, a = args.seq, args.batch, args.dim, args.heads
-    print(f"one LLaMA layer: s={s} b={b} h={h} a={a} f={f}, bf16; bytes kept for backward per rank")
+    kv = args.kv_heads or a
+    print(f"one LLaMA layer: s={s} b={b} h={h} a={a} kv heads={kv} f={f}, bf16; bytes kept for backward per rank")
     print(f"{'layout':>12} {'recompute':>10} {'measured':>10} {'formula':>10} {'ratio':>6} {'× sbh':>6}")
     for tp_size, sp, keep in ((1, False, False), (2, False, False), (2, True, False), (2, True, True)):
         for mode in ("none", "selective", "full"):
@@ -84,7 +88,7 @@ def main() -> None:
                 got = _layer_bytes(kw, mode, b, s, dtype)
             else:
                 got = run_on_ranks(_layer_bytes, 2, kw, mode, b, s, dtype, tp_size, sp, keep)[0]
-            want = activation_bytes_per_layer(mode, s, b, h, f, a, tp_size, sp, keep)
+            want = activation_bytes_per_layer(mode, s, b, h, f, a, tp_size, sp, keep, kv)
             layout = f"tp={tp_size}" + ("+sp" if sp else "") + (" keep" if keep else "")
             print(f"{layout:>12} {mode:>10} {got:>10,} {want:>10,.0f} {got / want:>6.2f} "
                   f"{got / (s * b * h):>6.1f}")

@@ -22,11 +22,26 @@ from parallel.layers import NO_TP, ColumnParallelLinear, RowParallelLinear, Tens
 BACKENDS = ("auto", "sdpa", "xformers")
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position × θ_i, θ_i = theta^(-2i/head_dim): each [max_seq_len, head_dim/2], fp32."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × θ_i, θ_i = theta^(-2i/head_dim): each [max_seq_len, head_dim/2],
+    fp32. `scaling`: LLaMA 3.1's (llama.config.rope_scaling), applied to the θ_i."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        freqs = llama3_scaled(freqs, scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """LLaMA 3.1's long-context frequencies (Meta's `apply_scaling`): wavelengths shorter than
+    original/high_freq_factor positions are kept, those longer than original/low_freq_factor are
+    stretched by `factor`, and those between are interpolated smoothly between the two."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: stretched, 1: kept
+    return (1 - smooth) * freqs / factor + smooth * freqs
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,22 +123,25 @@ def causal_attention(q, k, v, backend: str = "sdpa", start_pos: int = 0):
 class Attention(nn.Module):
     """Multi-head causal self-attention; heads are split across tp (wq, wk, wv by rows, wo by
     columns). With grouped-query attention (`n_kv_heads` < n_heads, LLaMA 2 70B and LLaMA 3) wk
-    and wv have n_kv_heads heads, each serving n_heads / n_kv_heads consecutive query heads; tp
-    splits them too (it must divide n_kv_heads), so each rank's query heads find their kv heads
-    on the same rank, and the KV cache holds only those."""
+    and wv have n_kv_heads heads, each serving n_heads / n_kv_heads consecutive query heads.
+    tp ≤ n_kv_heads splits them too (tp must divide n_kv_heads); tp > n_kv_heads (a multiple of
+    it) gives each tp rank a copy of the one kv head its query heads use, tp / n_kv_heads
+    consecutive ranks sharing it, their gradients summed. Either way each rank's query heads
+    find their kv heads on the same rank, and the KV cache holds only those."""
 
     def __init__(self, dim: int, n_heads: int, n_layers: int, tp: TensorParallel = NO_TP,
                  backend: str = "sdpa", device=None, dtype=None, n_kv_heads: int | None = None):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         self.n_local_heads = divide(n_heads, tp.size, "n_heads")
-        self.n_local_kv_heads = divide(n_kv_heads, tp.size, "n_kv_heads")
+        replicas = divide(tp.size, n_kv_heads, "tp") if tp.size > n_kv_heads else 1
+        self.n_local_kv_heads = divide(n_kv_heads * replicas, tp.size, "n_kv_heads")
         self.head_dim = dim // n_heads
         self.backend = backend
         kw = dict(tp=tp, device=device, dtype=dtype)
         self.wq = ColumnParallelLinear(dim, dim, **kw)
-        self.wk = ColumnParallelLinear(dim, n_kv_heads * self.head_dim, **kw)
-        self.wv = ColumnParallelLinear(dim, n_kv_heads * self.head_dim, **kw)
+        self.wk = ColumnParallelLinear(dim, n_kv_heads * self.head_dim, replicas=replicas, **kw)
+        self.wv = ColumnParallelLinear(dim, n_kv_heads * self.head_dim, replicas=replicas, **kw)
         # Residual-branch outputs scaled by 1/sqrt(2·n_layers) (GPT-2, Megatron-LM).
         self.wo = RowParallelLinear(dim, dim, init_std=0.02 / math.sqrt(2 * n_layers), **kw)
 

@@ -58,6 +58,37 @@ def ffn_hidden_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+ROPE_SCALING_TYPES = ("llama3",)
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}  # LLaMA 3.1's, as Meta's code fixes them
+
+
+def rope_scaling(value) -> dict | None:
+    """A RoPE scaling as we keep it: None, or LLaMA 3.1's {"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, its missing
+    values LLaMA 3.1's. Accepts Hugging Face's spellings ("type" for "rope_type"; "default" and
+    None for no scaling, extra keys like its "rope_theta" ignored); anything else is one line."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"rope_scaling={value!r} must be a mapping like {LLAMA3_ROPE_SCALING}")
+    kind = value.get("rope_type", value.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported; known: {list(ROPE_SCALING_TYPES)} "
+                          "(LLaMA 3.1's frequency scaling)")
+    out = {k: value.get(k, default) for k, default in LLAMA3_ROPE_SCALING.items()}
+    out["rope_type"] = kind
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if isinstance(out[k], bool) or not isinstance(out[k], (int, float)) or out[k] <= 0:
+            raise ConfigError(f"rope_scaling {k}={out[k]!r} must be a positive number")
+    if out["low_freq_factor"] >= out["high_freq_factor"]:
+        raise ConfigError(f"rope_scaling low_freq_factor={out['low_freq_factor']} must be below "
+                          f"high_freq_factor={out['high_freq_factor']}")
+    return out
+
+
 @dataclass
 class LlamaConfig:
     dim: int = 4096
@@ -71,6 +102,7 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # LLaMA 3.1's frequency scaling: {"rope_type": "llama3", "factor": 8, ...}
 
     def __post_init__(self) -> None:
         _positive(self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", integer=True)
@@ -88,6 +120,7 @@ class LlamaConfig:
                                   "serves an equal group of query heads")
         if self.ffn_hidden is not None:
             _positive(self, "ffn_hidden", integer=True)
+        self.rope_scaling = rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -150,6 +183,10 @@ class TrainConfig:
     vocab_pad_multiple: int = 1
     peak_tflops: float = 0.0         # per device, for MFU; 0: known GPUs only
     inject_fault: str = ""           # a fault drill, KIND@RANK:STEP (llama/fault_drill.py)
+    # validation (llama/validation.py): the first eval_iters global batches of a held-out token shard
+    eval_data: str = ""              # the shard's PREFIX (.bin/.idx); "": no validation
+    eval_every: int = 0              # every N steps, and after the last; 0: after the last only
+    eval_iters: int = 10
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "seq_len", "global_batch", "micro_batch", "log_every", integer=True)
@@ -172,6 +209,13 @@ class TrainConfig:
             raise ConfigError(str(err)) from None
         if self.schedule not in ("gpipe", "1f1b", "interleaved"):
             raise ConfigError(f"schedule={self.schedule!r} must be one of gpipe, 1f1b, interleaved")
+        _positive(self, "eval_iters", integer=True)
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"eval_every={self.eval_every!r} must be an integer >= 0 (0: validate after the last "
+                              "step only)")
+        if self.eval_every and not self.eval_data:
+            raise ConfigError(f"eval_every={self.eval_every} needs eval_data, a held-out token shard "
+                              "(--eval-data PATH)")
 
 
 @dataclass

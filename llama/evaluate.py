@@ -13,8 +13,12 @@ paper's choice for OpenBookQA and BoolQ), or not at all (`none`). Few-shot (`--s
 solved examples before the context, separated by blank lines. Short answers are generated
 greedily up to a newline and compared after SQuAD's normalisation (case, punctuation, articles).
 
+At tp × pp > 1 (`--tp`, `--pp`), the last pipeline stage computes the likelihoods and
+broadcasts them, so every rank holds the same results; global rank 0 prints them.
+
     llama-eval --checkpoint runs/demo/ckpt --tokenizer data/demo/tokenizer.model \\
         --perplexity data/demo/prose-valid --task tasks/mc.jsonl --shots 1
+    torchrun --nproc-per-node 4 -m llama.evaluate ... --tp 2 --pp 2
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch
 
 from llama import cli
 from llama.convert import CHECKPOINT_ERRORS
-from llama.generate import generate
+from llama.generate import Pipeline, generate
 from llama.inputs import InputError, read_jsonl
 from llama.shards import Shard
 
@@ -56,23 +60,27 @@ def read_tasks(path) -> list[dict]:
 
 
 @torch.no_grad()
-def continuation_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
+def continuation_logprob(model, tokenizer, context: str, continuation: str, topo=None) -> tuple[float, int]:
     """Σ log P(continuation tokens | context) and the number of continuation tokens.
 
     The continuation's tokens are those of encode(context + continuation) past the context's own
-    (lm-evaluation-harness's convention), so tokens are what the model would have seen."""
+    (lm-evaluation-harness's convention), so tokens are what the model would have seen. `model`
+    may be a pipeline stage of `topo`: the last stage computes the sum, every stage returns it."""
+    pipe = Pipeline(model, topo)
     ctx = tokenizer.encode(context, bos=tokenizer.bos_id is not None)
     full = tokenizer.encode(context + continuation, bos=tokenizer.bos_id is not None)
     split = len(ctx)
     while split > 0 and full[:split] != ctx[:split]:  # a merge across the boundary: split earlier
         split -= 1
     split = max(split, 1)  # the first token has no prediction
-    ids = torch.tensor([full], device=model.output.weight.device)
-    logits = model.gather_logits(model(ids)).float()[0]
-    logp = torch.log_softmax(logits[:-1], dim=-1)
-    targets = ids[0, 1:]
-    picked = logp.gather(-1, targets[:, None])[:, 0]
-    return picked[split - 1:].sum().item(), len(full) - split
+    ids = torch.tensor([full], device=pipe.device)
+    logits = pipe.forward(ids)
+    total = 0.0
+    if pipe.model.last_stage:
+        logp = torch.log_softmax(pipe.model.gather_logits(logits).float()[0, :-1], dim=-1)
+        picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
+        total = picked[split - 1:].sum().item()
+    return pipe.float_from_last(total), len(full) - split
 
 
 def few_shot_prefix(shots: list[dict]) -> str:
@@ -81,9 +89,9 @@ def few_shot_prefix(shots: list[dict]) -> str:
 
 
 def multiple_choice(model, tokenizer, examples: list[dict], shots: int = 0, normalization: str = "char",
-                    seed: int = 0, pool: list[dict] | None = None) -> dict:
+                    seed: int = 0, pool: list[dict] | None = None, topo=None) -> dict:
     """Accuracy with the paper's protocol; `pool` gives the few-shot examples (default: the
-    other examples of the task)."""
+    other examples of the task). `model` may be a pipeline stage of `topo`."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
     rng = random.Random(seed)
@@ -93,11 +101,11 @@ def multiple_choice(model, tokenizer, examples: list[dict], shots: int = 0, norm
         prefix = few_shot_prefix(rng.sample(candidates, min(shots, len(candidates)))) if shots else ""
         scores = []
         for choice in ex["choices"]:
-            logp, _ = continuation_logprob(model, tokenizer, prefix + ex["context"], choice)
+            logp, _ = continuation_logprob(model, tokenizer, prefix + ex["context"], choice, topo)
             if normalization == "char":
                 logp /= max(1, len(choice))
             elif normalization == "answer":
-                logp -= continuation_logprob(model, tokenizer, "Answer:", choice)[0]
+                logp -= continuation_logprob(model, tokenizer, "Answer:", choice, topo)[0]
             scores.append(logp)
         pick = int(np.argmax(scores))
         correct += pick == ex["answer"]
@@ -113,14 +121,14 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16, shots: int = 0,
-                seed: int = 0) -> dict:
+                seed: int = 0, topo=None) -> dict:
     rng = random.Random(seed)
     correct, details = 0, []
     for i, ex in enumerate(examples):
         others = [e for j, e in enumerate(examples) if j != i]
         prefix = few_shot_prefix(rng.sample(others, min(shots, len(others)))) if shots else ""
         prompt = tokenizer.encode(prefix + ex["context"], bos=tokenizer.bos_id is not None)
-        new = generate(model, [prompt], max_new_tokens, tokenizer.eos_id)[0]
+        new = generate(model, [prompt], max_new_tokens, tokenizer.eos_id, topo=topo)[0]
         text = tokenizer.decode(new).split("\n")[0]
         hit = any(normalize_answer(text) == normalize_answer(a) for a in ex["answers"])
         correct += hit
@@ -129,8 +137,12 @@ def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16
 
 
 @torch.no_grad()
-def perplexity(model, shard_prefix, seq_len: int, max_windows: int | None = None, batch: int = 8) -> dict:
-    """exp(mean next-token loss) over consecutive windows of the shard's token stream."""
+def perplexity(model, shard_prefix, seq_len: int, max_windows: int | None = None, batch: int = 8,
+               topo=None) -> dict:
+    """exp(mean next-token loss) over consecutive windows of the shard's token stream. `model`
+    may be a pipeline stage of `topo`: the last stage sums the losses, every stage returns the result."""
+    pipe = Pipeline(model, topo)
+    model = pipe.model
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     shard = Shard(shard_prefix)
@@ -140,14 +152,15 @@ def perplexity(model, shard_prefix, seq_len: int, max_windows: int | None = None
     if n < 1:
         raise ValueError(f"shard {shard_prefix} has {shard.n_tokens} tokens, fewer than one window of {seq_len + 1}")
     total, count = 0.0, 0
-    device = model.output.weight.device
     for start in range(0, n, batch):
         rows = [np.asarray(shard.tokens[k * seq_len:k * seq_len + seq_len + 1], dtype=np.int64)
                 for k in range(start, min(n, start + batch))]
-        ids = torch.from_numpy(np.stack(rows)).to(device)
-        loss = model(ids[:, :-1], ids[:, 1:])
-        total += loss.item() * ids[:, 1:].numel()
+        ids = torch.from_numpy(np.stack(rows)).to(pipe.device)
+        loss = pipe.forward(ids[:, :-1], ids[:, 1:])
+        if model.last_stage:
+            total += loss.item() * ids[:, 1:].numel()
         count += ids[:, 1:].numel()
+    total = pipe.float_from_last(total)  # once, at the end: no stage waits for each batch's loss
     return {"perplexity": math.exp(total / count), "loss": total / count, "tokens": count}
 
 
@@ -166,7 +179,9 @@ def build_parser() -> cli.Parser:
     parser.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=16,
                         help="short answers: tokens generated at most")
     parser.add_argument("--tp", type=cli.int_at_least(1), default=1,
-                        help="tensor-parallel size (it must divide the world size; the rest are replicas)")
+                        help="tensor-parallel size (tp × pp must divide the world size; the rest are replicas)")
+    parser.add_argument("--pp", type=cli.int_at_least(1), default=1,
+                        help="pipeline-parallel size: stages of n_layers / pp layers (it must divide n_layers)")
     return parser
 
 
@@ -181,19 +196,19 @@ def run(args) -> int:
     from llama.tokenizer import Tokenizer
     from parallel.layers import TensorParallel
     with cli.process_group_scope():
-        topo = initialize(tp=args.tp)
+        topo = initialize(tp=args.tp, pp=args.pp)
         tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
-        model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group))
+        model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group), topo=topo)
         results = {}
         if args.perplexity:
-            results["perplexity"] = perplexity(model, args.perplexity, args.seq_len, args.max_windows)
+            results["perplexity"] = perplexity(model, args.perplexity, args.seq_len, args.max_windows, topo=topo)
         for path, examples in tasks.items():
             if "choices" in examples[0]:
-                r = multiple_choice(model, tokenizer, examples, args.shots, args.normalization)
+                r = multiple_choice(model, tokenizer, examples, args.shots, args.normalization, topo=topo)
             else:
-                r = exact_match(model, tokenizer, examples, args.max_new_tokens, args.shots)
+                r = exact_match(model, tokenizer, examples, args.max_new_tokens, args.shots, topo=topo)
             results[path] = {k: v for k, v in r.items() if k != "details"}
-        if topo.rank == 0:
+        if topo.rank == 0:  # every rank holds the same results (the last stage broadcast them)
             print(json.dumps(results, indent=1))
     return 0
 

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from llama.config import LlamaConfig, ffn_hidden_size
+from llama.config import LLAMA3_ROPE_SCALING, LlamaConfig, ffn_hidden_size
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -83,10 +83,35 @@ def meta_params(cfg: LlamaConfig) -> dict:
         params["n_kv_heads"] = cfg.n_kv_heads
     if cfg.rope_theta != 10000.0:
         params["rope_theta"] = cfg.rope_theta
+    params |= meta_rope_scaling(cfg.rope_scaling)
     if cfg.ffn_dim != ffn_hidden_size(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier):
         raise ValueError(f"ffn_dim={cfg.ffn_dim} cannot be written as Meta's params.json (dim={cfg.dim}, "
                          f"multiple_of={cfg.multiple_of}): Meta's code derives it from dim")
     return params
+
+
+def meta_rope_scaling(scaling: dict | None) -> dict:
+    """params.json's keys for a RoPE scaling. Meta's file says only `use_scaled_rope`, its code
+    supplying LLaMA 3.1's values; llama-models also reads `rope_scaling_factor` and
+    `high_freq_factor` (LLaMA 3.2's small models use factor 32). Other values have no key."""
+    if scaling is None:
+        return {}
+    fixed = {k: LLAMA3_ROPE_SCALING[k] for k in ("low_freq_factor", "original_max_position_embeddings")}
+    if any(scaling[k] != v for k, v in fixed.items()):
+        raise ValueError(f"rope_scaling {scaling} cannot be written as Meta's params.json, whose code fixes {fixed}")
+    out = {"use_scaled_rope": True}
+    for ours, theirs in (("factor", "rope_scaling_factor"), ("high_freq_factor", "high_freq_factor")):
+        if scaling[ours] != LLAMA3_ROPE_SCALING[ours]:
+            out[theirs] = scaling[ours]
+    return out
+
+
+def rope_scaling_from_meta(params: dict) -> dict | None:
+    if not params.get("use_scaled_rope"):
+        return None
+    return LLAMA3_ROPE_SCALING | {"factor": params.get("rope_scaling_factor") or LLAMA3_ROPE_SCALING["factor"],
+                                  "high_freq_factor": params.get("high_freq_factor")
+                                  or LLAMA3_ROPE_SCALING["high_freq_factor"]}
 
 
 def config_from_meta(params: dict, vocab_from_weights: int, max_seq_len: int = 2048) -> LlamaConfig:
@@ -96,7 +121,7 @@ def config_from_meta(params: dict, vocab_from_weights: int, max_seq_len: int = 2
                        vocab_size=vocab if vocab and vocab > 0 else vocab_from_weights,
                        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                        norm_eps=params.get("norm_eps", 1e-6), rope_theta=params.get("rope_theta", 10000.0),
-                       max_seq_len=max_seq_len)
+                       rope_scaling=rope_scaling_from_meta(params), max_seq_len=max_seq_len)
 
 
 def hf_config(cfg: LlamaConfig) -> dict:
@@ -104,7 +129,7 @@ def hf_config(cfg: LlamaConfig) -> dict:
             "intermediate_size": cfg.ffn_dim, "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.kv_heads, "num_hidden_layers": cfg.n_layers, "rms_norm_eps": cfg.norm_eps,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_parameters": (cfg.rope_scaling or {"rope_type": "default"}) | {"rope_theta": cfg.rope_theta},
             "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 
@@ -113,11 +138,13 @@ def config_from_hf(c: dict) -> LlamaConfig:
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     if c.get("tie_word_embeddings"):
         raise ValueError("tie_word_embeddings=true: LLaMA's input and output embeddings are separate")
-    theta = (c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers ≥ 5, and before
+    theta = rope.get("rope_theta") or c.get("rope_theta") or 10000.0
     dim, ffn = c["hidden_size"], c["intermediate_size"]
     # the paper's rule with the largest multiple_of that gives this width, else the width as such
     multiple = next((m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if ffn_hidden_size(dim, m) == ffn), None)
     return LlamaConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=None if kv == heads else kv,
                        vocab_size=c["vocab_size"],
                        norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 2048),
-                       rope_theta=float(theta), multiple_of=multiple or 256, ffn_hidden=None if multiple else ffn)
+                       rope_theta=float(theta), rope_scaling=rope or None, multiple_of=multiple or 256,
+                       ffn_hidden=None if multiple else ffn)

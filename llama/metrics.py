@@ -46,16 +46,22 @@ def peak_memory_bytes() -> int:
 
 
 class MetricsWriter:
-    """One JSON object per line; opened by rank 0 only (appending when a run resumes)."""
+    """One JSON object per line; opened by rank 0 only (appending when a run resumes). `loggers`
+    (llama.loggers: TensorBoard, W&B) receive every record too."""
 
-    def __init__(self, path, append: bool = False):
+    def __init__(self, path, append: bool = False, loggers=()):
         self.file = open(path, "a" if append else "w") if path else None
+        self.loggers = list(loggers)
 
     def write(self, record: dict) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        for logger in self.loggers:
+            logger.write(record)
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+        for logger in self.loggers:
+            logger.close()

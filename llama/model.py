@@ -42,18 +42,22 @@ def check_tensor_parallel(cfg: LlamaConfig, tp: int, sp: bool = False, seq_len: 
     for name, value in (("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by tp={tp}; choose tp in {_tp_choices(value, ranks)}")
-    if cfg.kv_heads % tp:  # tp > n_kv_heads needs kv heads replicated over tp ranks: not built
-        raise ValueError(f"n_kv_heads={cfg.kv_heads} is not divisible by tp={tp}: each tp rank holds whole kv heads; "
-                         f"choose tp in {_tp_choices(cfg.kv_heads, ranks)}")
+    if cfg.kv_heads % tp and tp % cfg.kv_heads:
+        choices = _tp_choices(cfg.n_heads, ranks, cfg.kv_heads)
+        raise ValueError(f"tp={tp} neither divides n_kv_heads={cfg.kv_heads} nor is a multiple of it: a tp rank holds "
+                         f"whole kv heads, or a copy of one; choose tp in {choices}")
     if sp and seq_len is not None and seq_len % tp:
         raise ValueError(f"seq_len={seq_len} is not divisible by tp={tp}: sequence parallelism shards the "
                          f"sequence over the tp ranks; pad the sequence or turn sp off")
 
 
-def _tp_choices(n: int, ranks: int | None) -> str:
+def _tp_choices(n: int, ranks: int | None, kv_heads: int | None = None) -> str:
+    """The tp values that divide n (and the processes, when known; and that divide or are a
+    multiple of kv_heads, when given)."""
+    fits = [d for d in divisors(n, ranks or 64) if kv_heads is None or kv_heads % d == 0 or d % kv_heads == 0]
     if ranks is None:
-        return str(divisors(n, 64))
-    return f"{[d for d in divisors(n, ranks) if ranks % d == 0]} (those that also divide the {ranks} processes)"
+        return str(fits)
+    return f"{[d for d in fits if ranks % d == 0]} (those that also divide the {ranks} processes)"
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -136,7 +140,7 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
             self.padded_vocab = padded_size(cfg.vocab_size, vocab_pad_multiple * tp.size)
             self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, padded_out_features=self.padded_vocab, **kw)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
 from llama.dry_run import dry_run
 from llama.fault_drill import FaultDrill
+from llama.loggers import check_installed, open_loggers
 from llama.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_bytes
 from llama.preemption import DEFAULT as DEFAULT_EXIT_SIGNAL
 from llama.preemption import Preemption, exit_signals_arg, minutes_arg, stopped_line
@@ -46,6 +48,7 @@ from llama.setup import (  # check_batch, decays, human_bytes: re-exported, thei
 )
 from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
+from llama.validation import due, open_eval_data, validation_losses
 from parallel import comm
 from parallel.checkpoint import CheckpointError, PendingSave, load_checkpoint, resolve_checkpoint, save_checkpoint
 from parallel.lr_schedule import lr_at
@@ -102,6 +105,7 @@ class TrainResult:
     steps_done: int = 0           # optimiser steps behind the model when train() returned (resumed ones too)
     stopped: str | None = None    # why the run stopped before train.steps ("on SIGUSR1"); None: it did not
     saved: Path | None = None     # the last checkpoint this run wrote (the one at the stop, when it stopped)
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss, where validated
 
 
 @dataclass
@@ -115,10 +119,12 @@ class CheckpointOptions:
 
 
 def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, data=None,
-          ckpt: CheckpointOptions | None = None, preemption: Preemption | None = None) -> TrainResult:
+          ckpt: CheckpointOptions | None = None, preemption: Preemption | None = None, eval_data=None,
+          tensorboard_dir: str | None = None, wandb_project: str | None = None) -> TrainResult:
     """Train on the layout of `topo` (already initialised); every rank calls this. With a
     `preemption` (installed), every rank stops at the same step when one receives an exit signal
-    or passes the exit duration, after saving a checkpoint there."""
+    or passes the exit duration, after saving a checkpoint there. `eval_data` (default: opened
+    from train.eval_data) is validated on at the steps `llama.validation.due` names."""
     ckpt = ckpt or CheckpointOptions()
     m, t = run.model, run.train
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -127,13 +133,13 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     chunks, buckets, optimizer, p2p, shape, accumulation = (rs.chunks, rs.buckets, rs.optimizer, rs.p2p, rs.shape,
                                                             rs.accumulation)
     data = data or build_data(run)
+    eval_data = eval_data or open_eval_data(run)
     peak = t.peak_tflops or device_peak_tflops()
     is_logger = topo.rank == 0
     drill = FaultDrill(t.inject_fault, topo.rank)
     summary = startup_summary(run, topo, chunks, accumulation, buckets, optimizer)
     if is_logger:
         tqdm.write(summary)
-    writer = MetricsWriter(metrics_path if is_logger else None, append=bool(ckpt.resume))
     result = TrainResult(chunks=chunks, optimizer=optimizer)
     first_step = 0
     if ckpt.resume or ckpt.init_from:
@@ -146,6 +152,8 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         elif is_logger:  # every parameter was found (or loading failed): the model's count is what was loaded
             tqdm.write(f"initialised from {resolve_checkpoint(ckpt.init_from)} (step {meta['step']}): "
                        f"{m.num_params():,} parameters, weights only; optimizer state and data position start fresh")
+    loggers = open_loggers(tensorboard_dir, wandb_project, asdict(run), first_step) if is_logger else []
+    writer = MetricsWriter(metrics_path if is_logger else None, append=bool(ckpt.resume), loggers=loggers)
     tokens_per_step = t.global_batch * t.seq_len
     bar = tqdm(range(first_step, t.steps), desc="train", disable=not (show_progress and is_logger),
                dynamic_ncols=True, initial=first_step, total=t.steps)
@@ -179,12 +187,25 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
                   "tokens_per_s_per_process": tokens_per_s / topo.world,
                   "mfu": mfu(m, t.seq_len, tokens_per_s, topo.world, peak),
                   "peak_memory_bytes": peak_memory_bytes(), "skipped": skipped}
+        if eval_data is not None and due(t, step):
+            faults.set_phase(f"step {step}: validation")
+            eval_start = time.perf_counter()
+            val_loss = _mean_loss(validation_losses(eval_data, rs, topo, t, device), topo, device)
+            start += time.perf_counter() - eval_start  # tokens/s counts training time only
+            result.val_losses[step] = val_loss
+            record |= {"val_loss": val_loss, "val_ppl": _perplexity(val_loss)}
         writer.write(record)
+        val_text = f" val_loss {record['val_loss']:.4f} val_ppl {record['val_ppl']:.2f}" if "val_loss" in record else ""
+        last_val = {"val": f"{list(result.val_losses.values())[-1]:.3f}"} if result.val_losses else {}
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", step_s=f"{step_s:.2f}",
-                        tok_s=f"{tokens_per_s:,.0f}")
-        if is_logger and not show_progress and (step % t.log_every == 0 or step == t.steps - 1):
-            print(f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} step {step_s:.3f} s "
-                  f"tokens/s {tokens_per_s:,.0f}", flush=True)
+                        tok_s=f"{tokens_per_s:,.0f}", **last_val)
+        if is_logger and (val_text or not show_progress and (step % t.log_every == 0 or step == t.steps - 1)):
+            line = (f"step {step} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} step {step_s:.3f} s "
+                    f"tokens/s {tokens_per_s:,.0f}{val_text}")
+            if show_progress:  # a validation's line stays above the bar
+                tqdm.write(line)
+            else:
+                print(line, flush=True)
         done = result.steps_done = step + 1
         if preemption and done < t.steps:  # one small all-reduce: stop here, all ranks alike?
             result.stopped = preemption.agree(topo, device)
@@ -244,6 +265,13 @@ def _mean_loss(losses: list[float], topo, device) -> float:
     return total.item()
 
 
+def _perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`section.key=value` pairs (value parsed as YAML, `1e-3` a number) → {"section": {"key": value}}."""
     out: dict = {}
@@ -262,6 +290,7 @@ FLAGS = {  # command-line flag -> train config key
     "steps": "steps", "lr": "lr", "seed": "seed", "dtype": "dtype", "distributed_optimizer": "distributed_optimizer",
     "overlap_param_gather": "overlap_param_gather",
     "recompute": "recompute", "attention": "attention", "peak_tflops": "peak_tflops",
+    "eval_data": "eval_data", "eval_every": "eval_every", "eval_iters": "eval_iters",
 }
 
 
@@ -302,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device peak (bf16 TFLOP/s) for MFU (default: the config's train.peak_tflops; "
                         "0 there: known GPUs only)")
     p.add_argument("--metrics", metavar="PATH", help="rank 0 writes one JSON line per step here (default: none)")
+    p.add_argument("--eval-data", metavar="PATH",
+                   help="a held-out token shard (PREFIX of .bin/.idx): validation loss after the last step and "
+                        "every --eval-every steps (default: the config's train.eval_data; empty: none)")
+    p.add_argument("--eval-every", type=int_at_least(1), metavar="N",
+                   help="validate every N steps (default: the config's train.eval_every; 0 there: after the "
+                        "last step only)")
+    p.add_argument("--eval-iters", type=int_at_least(1), metavar="K",
+                   help="global batches per validation, the shard's first K, the same every time "
+                        "(default: the config's train.eval_iters)")
+    p.add_argument("--tensorboard-dir", metavar="DIR",
+                   help="rank 0 writes every numeric metric as a TensorBoard scalar here (default: none)")
+    p.add_argument("--wandb-project", metavar="NAME",
+                   help="rank 0 logs every numeric metric to this W&B project, offline unless WANDB_MODE says "
+                        "otherwise (default: none)")
     p.add_argument("--save", metavar="DIR",
                    help="write checkpoints under DIR (step_000100/, latest) (default: no checkpoints)")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
@@ -359,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(run, _dry_run_world(args), args.rank or [0],
                           args.gpus_per_node or slurm_tasks_per_node() or 8), flush=True)
             return 0
+        check_installed(args.tensorboard_dir, args.wandb_project)
+        eval_data = open_eval_data(run)  # a bad held-out shard fails here, before the rendezvous
         preemption.install()  # before the rendezvous: a signal during start-up stops the run at its first step
         topo = initialize(t.tp, t.pp, t.dp or None, timeout_s=args.timeout)
         faults.start(topo.rank, topo.world, args.timeout)
@@ -374,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--resume: no checkpoint under {args.save} yet: starting fresh", flush=True)
         ckpt = CheckpointOptions(args.save, args.save_every, args.keep, resume, args.init_from, args.async_save)
         result = train(run, topo, show_progress=not args.no_progress, metrics_path=args.metrics, ckpt=ckpt,
-                       preemption=preemption)
+                       preemption=preemption, eval_data=eval_data, tensorboard_dir=args.tensorboard_dir,
+                       wandb_project=args.wandb_project)
     except (ConfigError, ShardError, TokenizerError, TopologyError, RendezvousError, CheckpointError,
             TensorFileError, ValueError) as err:
         code = fail("llama-train", err)
@@ -403,8 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to do: the run already reached train.steps={run.train.steps}", flush=True)
     elif topo.rank == 0:
         losses = result.losses
+        vals = list(result.val_losses.values())
+        val = f"; validation loss {vals[-1]:.3f} (perplexity {_perplexity(vals[-1]):.1f})" if vals else ""
         print(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} "
-              f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f})", flush=True)
+              f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}){val}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -68,10 +68,9 @@ def split(start: int, stop: int, parts: int, i: int) -> tuple[int, int]:
 
 
 def _holders(param, topo) -> tuple[int, int]:
-    """(how many ranks hold this parameter's shard in full, this rank's place among them)."""
-    if param.tp_dim is None:  # every tp rank and every dp replica
-        return topo.tp * topo.dp, topo.dp_rank * topo.tp + topo.tp_rank
-    return topo.dp, topo.dp_rank
+    """(how many ranks hold this parameter's shard in full, this rank's place among them): its
+    copies across tp (all tp ranks for a replicated tensor) times the dp replicas."""
+    return param.tp_copies * topo.dp, topo.dp_rank * param.tp_copies + param.tp_copy_rank
 
 
 def _piece(name: str, param, start: int, stop: int, dtype: torch.dtype) -> Piece:
@@ -108,7 +107,7 @@ def my_pieces(modules, topo, optimizer=None) -> list[tuple[Piece, torch.Tensor]]
             if s >= e:
                 continue  # under the distributed optimizer: another dp rank's
             if optimizer.distributed:  # only this dp rank holds [s, e); tp may replicate it
-                n, i = (topo.tp, topo.tp_rank) if p.tp_dim is None else (1, 0)
+                n, i = p.tp_copies, p.tp_copy_rank
             else:
                 n, i = _holders(p, topo)
             a, b = split(s, e, n, i)

@@ -60,6 +60,27 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+_SUBGROUPS: dict = {}
+
+
+def block_subgroup(group, size: int):
+    """The group of the `size` consecutive members of `group` that include this rank (None for
+    one rank), created once. Only those members create it (local synchronisation), so a rank
+    may ask whenever it builds the layer that needs it; it gets the world group's timeout."""
+    if size == 1 or group is None:
+        return None
+    members = dist.get_process_group_ranks(group)
+    mine = members.index(dist.get_rank())
+    block = tuple(members[mine - mine % size: mine - mine % size + size])
+    key = (id(dist.group.WORLD), block)
+    if key not in _SUBGROUPS:
+        from parallel.topology import world_timeout
+        timeout = world_timeout()
+        _SUBGROUPS[key] = dist.new_group(list(block), use_local_synchronization=True,
+                                         **({"timeout": timeout} if timeout else {}))
+    return _SUBGROUPS[key]
+
+
 def all_reduce(tensor: torch.Tensor, group, async_op: bool = False, op=dist.ReduceOp.SUM, name="all_reduce"):
     """In-place reduction (sum by default) across `group`; returns the work handle when async_op."""
     if group_size(group) == 1:

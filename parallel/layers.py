@@ -23,6 +23,7 @@ from torch import nn
 
 from parallel import comm
 from parallel.mappings import (
+    copy_to_tp,
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sp,
@@ -73,16 +74,27 @@ def padded_size(n: int, multiple: int) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x Wᵀ with W's output rows split across tp; the output stays split unless gathered."""
+    """y = x Wᵀ with W's output rows split across tp; the output stays split unless gathered.
+
+    `replicas` > 1: W is cut into tp/replicas shards, each held by `replicas` consecutive tp
+    ranks (the kv heads of grouped-query attention when tp > n_kv_heads). Each copy's gradient
+    then covers only its own rank's tokens-to-heads path, so the weight enters the matmul
+    through copy_to_tp over the copies, whose backward sums their gradients (Megatron's
+    conjugate pair again, on a sub-group of tp)."""
 
     def __init__(self, in_features, out_features, tp: TensorParallel = NO_TP, gather_output=False,
-                 init_std=0.02, padded_out_features=None, device=None, dtype=None):
+                 init_std=0.02, padded_out_features=None, device=None, dtype=None, replicas: int = 1):
         super().__init__()
         self.tp, self.gather_output = tp, gather_output
         self.out_features = out_features  # logical; padded_out_features >= it (vocabulary padding)
-        local_out = divide(padded_out_features or out_features, tp.size, "out_features")
+        local_out = divide(padded_out_features or out_features, divide(tp.size, replicas, "replicas"), "out_features")
         self.weight = make_param((local_out, in_features), (out_features, in_features), 0, tp.rank,
-                                 tp.size, init_std, device, dtype)
+                                 tp.size, init_std, device, dtype, replicas=replicas)
+        self.copies_group = comm.block_subgroup(tp.group, replicas) if replicas > 1 else None
+
+    def matmul_weight(self) -> torch.Tensor:
+        """The weight as the matmul reads it: through copy_to_tp when tp ranks hold copies of it."""
+        return self.weight if self.copies_group is None else copy_to_tp(self.weight, self.copies_group)
 
     def forward(self, x):
         (y,) = column_parallel(x, self)
@@ -219,6 +231,6 @@ def _completed(finish):
 def column_parallel(x, *layers: ColumnParallelLinear):
     """Run column-parallel layers that share the input `x`; returns one output per layer."""
     tp = layers[0].tp
-    outs = _ParallelMatmuls.apply(x, tp, *(layer.weight for layer in layers))
+    outs = _ParallelMatmuls.apply(x, tp, *(layer.matmul_weight() for layer in layers))
     return tuple(gather_from_tp(y, tp.group) if layer.gather_output else y for y, layer in zip(outs, layers))
 

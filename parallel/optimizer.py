@@ -70,8 +70,8 @@ class Optimizer:
         """Slices of [lo, hi) (relative to lo) whose parameters this rank counts in the norm."""
         out = []
         for p, off in zip(bucket.params, bucket.offsets):
-            if p.tp_dim is None and self.topo.tp_rank != 0:
-                continue  # replicated across tp: tp rank 0 counts it
+            if p.tp_copy_rank != 0:
+                continue  # held by several tp ranks: its first copy counts it
             start, end = max(off, lo), min(off + p.numel(), hi)
             if start < end:
                 out.append(slice(start - lo, end - lo))

@@ -1,9 +1,16 @@
 """Layout-free parameters: each local shard knows the logical tensor it is a slice of.
 
 A parallel layer tags its parameters with `tp_dim` (the split dimension, None when replicated
-across tp), the tp rank and size, and the `logical_shape` (the unpadded full tensor). From that
-alone we can initialise the same logical values whatever the layout, cut a shard from a full
-tensor (conversion, checkpoints), and count each logical parameter once (gradient norm).
+across tp), which of `tp_size` shards this one is (`tp_rank`), and the `logical_shape` (the
+unpadded full tensor). From that alone we can initialise the same logical values whatever the
+layout, cut a shard from a full tensor (conversion, checkpoints), and count each logical
+parameter once (gradient norm).
+
+`tp_copies` tp ranks hold the same tensor, this one being copy `tp_copy_rank`: all tp ranks for
+a replicated tensor, one for a plain shard, and `replicas` consecutive tp ranks for a shard
+that is itself replicated (grouped-query attention's kv heads when tp > n_kv_heads: tp 8 over
+2 kv heads cuts wk into tp_size=2 shards, each held by 4 ranks). Whoever writes or counts a
+tensor once takes copy 0, or splits the work between the copies.
 """
 from __future__ import annotations
 
@@ -13,12 +20,19 @@ import torch
 from torch import nn
 
 
-def make_param(local_shape, logical_shape, tp_dim, tp_rank, tp_size, init_std, device=None, dtype=None):
-    """`init_std=None` initialises to ones (norm weights); otherwise N(0, init_std²)."""
+def make_param(local_shape, logical_shape, tp_dim, tp_rank, tp_size, init_std, device=None, dtype=None,
+               replicas: int = 1):
+    """A parameter on tp rank `tp_rank` of `tp_size`: split along `tp_dim` (None: replicated),
+    each shard held by `replicas` consecutive tp ranks. `init_std=None` initialises to ones
+    (norm weights); otherwise N(0, init_std²)."""
     p = nn.Parameter(torch.empty(local_shape, device=device, dtype=dtype))
     p.logical_shape = tuple(logical_shape)
-    p.tp_dim, p.tp_rank, p.tp_size = tp_dim, tp_rank, tp_size
-    p.init_std = init_std
+    p.tp_dim, p.init_std = tp_dim, init_std
+    if tp_dim is None:
+        p.tp_rank, p.tp_size, p.tp_copies, p.tp_copy_rank = tp_rank, tp_size, tp_size, tp_rank
+    else:
+        p.tp_rank, p.tp_size = tp_rank // replicas, tp_size // replicas
+        p.tp_copies, p.tp_copy_rank = replicas, tp_rank % replicas
     return p
 
 
@@ -44,7 +58,9 @@ def full_tensor(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor
     if param.tp_dim is None:
         return local
     from parallel import comm
-    return comm.all_gather(local, group, dim=param.tp_dim).narrow(param.tp_dim, 0, param.logical_shape[param.tp_dim])
+    d = param.tp_dim
+    shards = comm.all_gather(local, group, dim=d).split(local.shape[d], dim=d)[::param.tp_copies]
+    return torch.cat(shards, dim=d).narrow(d, 0, param.logical_shape[d])
 
 
 def logical_init(name: str, param: torch.Tensor, seed: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ PRESETS = {
 
 # LLaMA 2 and 3: the counts issue 19 gives, which transformers' own model of the same config has too
 LATER_PRESETS = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192,
-                 "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}
+                 "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496,
+                 "llama3.1-8b": 8_030_261_248, "llama3.1-70b": 70_553_706_496}
 
 
 @pytest.mark.parametrize("name", list(LATER_PRESETS))
@@ -83,6 +84,19 @@ def test_dim_not_divisible_by_heads():
 
 def test_kv_heads_that_do_not_divide_the_heads():
     _raises_one_line(r"n_kv_heads=3 does not divide n_heads=8", LlamaConfig, dim=64, n_heads=8, n_kv_heads=3)
+
+
+def test_rope_scaling_kinds_we_do_not_know_and_bad_values_are_one_line():
+    _raises_one_line(r"rope_scaling type 'yarn' is not supported; known: \['llama3'\]", LlamaConfig,
+                     rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    _raises_one_line(r"rope_scaling factor=0 must be a positive number", LlamaConfig,
+                     rope_scaling={"type": "llama3", "factor": 0})
+    _raises_one_line(r"low_freq_factor=4.0 must be below high_freq_factor=1.0", LlamaConfig,
+                     rope_scaling={"rope_type": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 1.0})
+    assert LlamaConfig(rope_scaling={"rope_type": "default"}).rope_scaling is None  # HF's word for none
+    assert LlamaConfig(rope_scaling={"type": "llama3", "factor": 32.0}).rope_scaling == {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
 
 
 def test_odd_head_dim():

@@ -19,6 +19,10 @@ CFG = LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=250, multiple_of=16,
 
 
 GQA = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=250, multiple_of=16, max_seq_len=64)
+# LLaMA 3's shape in small: θ 500000 and 3.1's frequency scaling as Meta's code fixes it (head_dim
+# 8's wavelengths, 6 to 118k positions, fall in all three of its bands), a vocabulary no tp divides
+LLAMA3 = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=251, multiple_of=16, max_seq_len=8200,
+                     rope_theta=500000.0, rope_scaling={"rope_type": "llama3"})
 
 
 def _hf_model(path, cfg=CFG):
@@ -207,26 +211,31 @@ def test_a_bad_shard_size_is_one_line(tmp_path, capsys, text, message):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_grouped_query_attention_converts_exactly_and_gives_transformers_logits(tmp_path):
+@pytest.mark.parametrize("cfg", [GQA, LLAMA3], ids=["gqa", "llama3"])
+def test_grouped_query_attention_converts_exactly_and_gives_transformers_logits(tmp_path, cfg):
     """8 query heads, 2 kv heads: HF's q/k permutation per kv head for wk; Meta's shards split wk
-    and wv on kv heads; logits within 1e-5 of transformers' at tp 1, 2 and tp 2 x pp 2."""
-    model = _hf_model(tmp_path / "hf", GQA)
+    and wv on kv heads; logits within 1e-5 of transformers' at tp 1, 2, 4 (two copies of each kv
+    head) and tp 2 x pp 2, from HF's files and from Meta's."""
+    model = _hf_model(tmp_path / "hf", cfg)
     convert("hf", tmp_path / "hf", "native", tmp_path / "native")
     convert("native", tmp_path / "native", "hf", tmp_path / "hf2")
     _same_tensors(load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors"))
     convert("hf", tmp_path / "hf", "meta", tmp_path / "meta", tp=2)
     shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert shard["layers.0.attention.wk.weight"].shape == (8, 64)  # one of the 2 kv heads
-    assert json.loads((tmp_path / "meta" / "params.json").read_text())["n_kv_heads"] == 2
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert params["n_kv_heads"] == 2 and params.get("use_scaled_rope", False) == (cfg.rope_scaling is not None)
     convert("meta", tmp_path / "meta", "native", tmp_path / "native2")
     convert("native", tmp_path / "native2", "hf", tmp_path / "hf3")
     _same_tensors(load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf3" / "model.safetensors"))
-    tokens = torch.randint(0, GQA.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert json.loads((tmp_path / "hf3" / "config.json").read_text())["rope_parameters"] == \
+        json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(tokens).logits
-    for tp, pp in ((1, 1), (2, 1), (2, 2)):
-        got = [x for x in run_on_ranks(_pipeline_logits, tp * pp, str(tmp_path / "native"), tokens, GQA, tp, pp)
+    for source, tp, pp in (("native", 1, 1), ("native", 2, 1), ("native", 4, 1), ("native", 2, 2), ("native2", 2, 2)):
+        got = [x for x in run_on_ranks(_pipeline_logits, tp * pp, str(tmp_path / source), tokens, cfg, tp, pp)
                if x is not None]
         assert len(got) == tp
         for logits in got:
-            assert (logits - want).abs().max().item() <= 1e-5, (tp, pp)
+            assert (logits - want).abs().max().item() <= 1e-5, (source, tp, pp)

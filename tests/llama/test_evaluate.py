@@ -1,5 +1,8 @@
 """Evaluation: multiple-choice scores against a hand computation, perplexity against the loss,
-and a tiny model trained on a copy task scoring above chance."""
+a tiny model trained on a copy task scoring above chance, and the same results from pipeline
+stages (tp=2 × pp=2, and the commands at --pp 2) as from one process."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -14,11 +17,13 @@ import torch.nn.functional as F
 from llama.config import LlamaConfig
 from llama.evaluate import exact_match, multiple_choice, normalize_answer, perplexity, read_tasks
 from llama.model import Transformer
+from llama.parallelize import build_chunks
 from llama.shards import ShardWriter
 from llama.tokenizer import ByteTokenizer
 from llama.train import train
 from parallel.params import init_parameters
 from parallel.topology import build_topology
+from tests.distributed import run_on_ranks, topology
 from tests.launcher.real_launchers import ROOT
 from tests.llama.test_train_layouts import _run_config
 
@@ -26,9 +31,11 @@ TASKS = [{"context": "The sky is", "choices": [" blue", " green and wet", " x"],
          {"context": "2 + 2 =", "choices": [" 4", " five"], "answer": 0}]
 
 
+CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=128)
+
+
 def _random_model(seed=3):
-    model = Transformer(LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=128),
-                        attention="sdpa").eval()
+    model = Transformer(CFG, attention="sdpa").eval()
     init_parameters(model, seed)
     return model
 
@@ -176,3 +183,91 @@ def test_two_process_eval_exits_cleanly_every_time(tmp_path):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (attempt, proc.returncode, proc.stderr[-3000:])
         assert json.loads(proc.stdout)["perplexity"]["tokens"] == 32 * 15
+
+
+SHORT = [{"context": "The sky is", "answers": ["blue"]}, {"context": "2 + 2 =", "answers": ["4"]}]
+
+
+def _all_evaluations(model, shard, topo=None):
+    mc = multiple_choice(model, ByteTokenizer(), TASKS, normalization="answer", topo=topo)
+    em = exact_match(model, ByteTokenizer(), SHORT, max_new_tokens=4, topo=topo)
+    return mc, em, perplexity(model, shard, seq_len=16, batch=2, topo=topo)
+
+
+def _evaluations_on_a_stage(tp, pp, shard):
+    topo = topology(tp=tp, pp=pp)
+    return _all_evaluations(build_chunks(CFG, topo, seed=3, attention="sdpa")[0].eval(), shard, topo)
+
+
+def test_evaluation_at_tp2_pp2_equals_one_process(tmp_path):
+    w = ShardWriter(tmp_path / "s", 256)
+    w.add(np.random.default_rng(0).integers(0, 256, 16 * 5 + 1))
+    w.close()
+    one = _all_evaluations(_random_model(), tmp_path / "s")
+    out = run_on_ranks(_evaluations_on_a_stage, 4, 2, 2, tmp_path / "s")
+    for mc, em, ppl in out:  # every rank has the last stage's numbers
+        assert [d["pick"] for d in mc["details"]] == [d["pick"] for d in one[0]["details"]]
+        for got, want in zip(mc["details"], one[0]["details"]):
+            assert np.allclose(got["scores"], want["scores"], rtol=0, atol=1e-5), (got, want)
+        assert em == one[1]
+        assert ppl["tokens"] == one[2]["tokens"] == 80
+        assert abs(ppl["loss"] - one[2]["loss"]) < 1e-5  # so the perplexity's relative error is below 1e-5
+        assert abs(ppl["perplexity"] / one[2]["perplexity"] - 1) < 1e-5
+
+
+def _run_commands(generate_argv, eval_argv) -> list[str]:
+    from llama.evaluate import main as eval_main
+    from llama.generate import main as generate_main
+    printed = []
+    for main, argv in ((generate_main, generate_argv), (eval_main, eval_argv)):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(argv) == 0
+        printed.append(out.getvalue())
+    return printed
+
+
+def _commands_on_a_rank(world, generate_argv, eval_argv):
+    """The commands as torchrun starts them on this rank (the process group already exists)."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(world))
+    try:
+        return _run_commands(generate_argv, eval_argv)
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
+
+
+def test_the_generate_and_eval_commands_at_pp2_print_what_one_process_does(tmp_path):
+    from llama.demo_corpus import prose_text
+    from llama.tokenizer import train_tokenizer
+    tok = train_tokenizer(prose_text(max_bytes=100_000).split("\n\n"), tmp_path / "tok", vocab_size=600)
+    _save_tiny_model(tmp_path / "ckpt", vocab_size=600)
+    w = ShardWriter(tmp_path / "valid", 600)
+    w.add(np.arange(300).tolist() * 2)
+    w.close()
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(t) for t in TASKS))
+    gen = ["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tok), "--prompt", "The file", "--prompt",
+           "Return", "--max-new-tokens", "5"]
+    ev = ["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tok), "--perplexity", str(tmp_path / "valid"),
+          "--seq-len", "32", "--task", str(tmp_path / "mc.jsonl")]
+    one = _run_commands(gen, ev)
+    first, second = run_on_ranks(_commands_on_a_rank, 2, 2, gen + ["--pp", "2"], ev + ["--pp", "2"])
+    assert second == ["", ""]  # printed once, by global rank 0
+    assert first[0] == one[0] and first[0].count("-" * 40) == 2
+    got, want = json.loads(first[1]), json.loads(one[1])
+    assert got["perplexity"]["tokens"] == want["perplexity"]["tokens"] == 32 * 18
+    assert abs(got["perplexity"]["loss"] - want["perplexity"]["loss"]) < 1e-5
+    assert got[str(tmp_path / "mc.jsonl")] == want[str(tmp_path / "mc.jsonl")]
+
+
+def test_a_pipeline_that_cannot_split_the_model_fails_with_one_line(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from llama.evaluate import main as eval_main
+    from llama.generate import load_model
+    _save_tiny_model(tmp_path / "ckpt", vocab_size=256)
+    with pytest.raises(ValueError, match=r"n_layers=2 is not divisible by pp=4: .* choose pp in \[1, 2\]") as err:
+        load_model(str(tmp_path / "ckpt"), topo=SimpleNamespace(pp=4, pp_rank=0))
+    assert "\n" not in str(err.value)
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--perplexity", "x", "--pp", "2"]) == 2
+    assert capsys.readouterr().err == ("llama-eval: error: world size 1 is not divisible by tp*pp=1*2; "
+                                       "choose tp*pp in [1]\n")

@@ -188,6 +188,29 @@ def test_recompute_modes_give_identical_gradients_and_save_less_memory():
     assert saved["full"] < saved["selective"] < saved["none"]
 
 
+@pytest.mark.parametrize("kv", [8, 2, 1])
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_activation_memory_formula_holds_under_grouped_query_attention(kv, recompute):
+    """A layer's bytes kept for backward (a 2-layer minus a 1-layer model, bf16) are what the
+    start-up summary's formula predicts: with fewer kv heads, selective recompute keeps narrower
+    wk/wv outputs; without recompute the attention keeps k and v repeated to every head."""
+    from llama.memory_estimate import activation_bytes_per_layer
+    kept = []
+    for layers in (1, 2):
+        cfg = LlamaConfig(dim=128, n_layers=layers, n_heads=8, n_kv_heads=kv, vocab_size=256, multiple_of=32,
+                          max_seq_len=64)
+        model = Transformer(cfg, attention="sdpa", recompute=recompute, dtype=torch.bfloat16)
+        init_parameters(model, 0)
+        tokens = tokens_for(cfg, 2, 64)
+        watch = SavedActivationMemory()
+        with watch:
+            loss = model(tokens, tokens)
+        gc.collect()
+        kept.append(watch.live_bytes(exclude=[*model.parameters(), *model.buffers(), tokens, loss]))
+    want = activation_bytes_per_layer(recompute, 64, 2, 128, cfg.ffn_dim, 8, 1, False, kv=kv)
+    assert kept[1] - kept[0] == want
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16
 

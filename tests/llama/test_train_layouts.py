@@ -35,8 +35,9 @@ def _text():
     return prose_text(max_bytes=40_000)
 
 
-def _run_config(tp=1, pp=1, sp=False, distributed_optimizer=False, micro_batch=2, global_batch=8, **train):
-    model = dict(dim=32, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=16)
+def _run_config(tp=1, pp=1, sp=False, distributed_optimizer=False, micro_batch=2, global_batch=8, model=None,
+                **train):
+    model = dict(dim=32, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=16) | (model or {})
     train = dict(steps=STEPS, seq_len=16, global_batch=global_batch, micro_batch=micro_batch, lr=1e-3,
                  warmup_steps=5, dtype="fp32", attention="sdpa", recompute="none", tp=tp, pp=pp, sp=sp,
                  distributed_optimizer=distributed_optimizer) | train
@@ -112,16 +113,16 @@ def _train_on_ranks(tp, pp, **kw):
 
 
 @functools.cache
-def _reference():
-    return _layout_run(build_topology())
+def _reference(n_kv_heads=None):
+    return _layout_run(build_topology(), **({"model": {"n_kv_heads": n_kv_heads}} if n_kv_heads else {}))
 
 
 def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
 
 
-def _assert_same_run(outs, what):
-    ref = _reference()
+def _assert_same_run(outs, what, n_kv_heads=None):
+    ref = _reference(n_kv_heads)
     assert min(ref["grad_norms"]) < CLIP < max(ref["grad_norms"]), \
         f"the clip {CLIP} must act at some steps and not at others: gradient norms {ref['grad_norms']}"
     weights, grads = {}, [{}, {}]
@@ -168,3 +169,12 @@ def test_every_layout_trains_the_same_model(tp, pp, dp, sp, distributed_optimize
     outs = run_on_ranks(_train_on_ranks, tp * pp * dp, tp, pp, sp=sp, distributed_optimizer=distributed_optimizer,
                         timeout=300)
     _assert_same_run(outs, f"(tp, pp, dp)=({tp}, {pp}, {dp}) sp={sp} distributed_optimizer={distributed_optimizer}")
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_grouped_query_attention_with_copied_kv_heads_trains_the_same_model(sp):
+    """One kv head for 4 query heads at tp 2: both tp ranks hold a copy of it, and their
+    gradients must sum to the one process's (under dp, pp and ZeRO-1 too)."""
+    outs = run_on_ranks(_train_on_ranks, 8, 2, 2, sp=sp, distributed_optimizer=sp, model={"n_kv_heads": 1},
+                        timeout=300)
+    _assert_same_run(outs, f"(tp, pp, dp)=(2, 2, 2) sp={sp} with n_kv_heads=1", n_kv_heads=1)

@@ -116,6 +116,35 @@ def test_column_parallel_linear(tp_size, sp):
         run_on_ranks(_column, tp_size, tp_size, sp, gather_output)
 
 
+def _column_copies(tp_size, replicas, sp):
+    """A column layer whose tp/replicas shards are each held by `replicas` consecutive ranks
+    (grouped-query attention's kv heads when tp > n_kv_heads). Each copy gets its own output
+    gradient, as each rank's query heads give its kv head: the reference weight serves all of
+    them, so its gradient is their sum, and so must every copy's be."""
+    torch.manual_seed(0)
+    x = torch.randn(B, S, H, requires_grad=True)
+    grad_outs = torch.randn(tp_size, B, S, 24 * replicas // tp_size)  # one per rank
+    tp, ref, par = _pair(lambda t: ColumnParallelLinear(H, 24, t, replicas=min(replicas, t.size)), tp_size, sp)
+    y_ref = ref(x).split(24 * replicas // tp_size, dim=-1)
+    sum((y_ref[r // replicas] * grad_outs[r]).sum() for r in range(tp_size)).backward()
+
+    x_local = _seq_shard(x.detach(), tp).requires_grad_()
+    y = par(x_local)
+    _close(y, y_ref[tp.rank // replicas], "output")
+    (y * grad_outs[tp.rank]).sum().backward()
+    _close(x_local.grad, _seq_shard(x.grad, tp), "input gradient")
+    w = par.weight
+    assert (w.tp_rank, w.tp_size, w.tp_copies, w.tp_copy_rank) == (tp.rank // replicas, tp_size // replicas,
+                                                                  replicas, tp.rank % replicas)
+    _close(full_tensor(w.grad, w, tp.group), ref.weight.grad, "weight gradient (summed over the copies)")
+
+
+@pytest.mark.parametrize("tp_size,replicas", [(2, 2), (4, 2), (4, 4)])
+@pytest.mark.parametrize("sp", [False, True])
+def test_column_parallel_linear_with_copies_of_each_shard(tp_size, replicas, sp):
+    run_on_ranks(_column_copies, tp_size, tp_size, replicas, sp)
+
+
 @pytest.mark.parametrize("tp_size", [2, 4])
 @pytest.mark.parametrize("sp", [False, True])
 def test_row_parallel_linear(tp_size, sp):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama.config import LlamaConfig
-from llama.model import Transformer
+from llama.model import Transformer, check_tensor_parallel
 from parallel.layers import TensorParallel
 from parallel.params import full_tensor, init_parameters
 from tests.distributed import run_on_ranks, topology
@@ -66,10 +66,11 @@ def test_model_matches_tp1(tp_size, sp):
     run_on_ranks(_model_equals_one_process, tp_size, tp_size, sp)
 
 
-@pytest.mark.parametrize("kv,tp_size", [(2, 2), (4, 2), (4, 4)])
+@pytest.mark.parametrize("kv,tp_size", [(2, 2), (4, 2), (4, 4), (1, 2), (1, 4), (2, 4), (1, 8), (2, 8), (4, 8)])
 @pytest.mark.parametrize("sp", [False, True])
 def test_grouped_query_attention_matches_tp1(kv, tp_size, sp):
-    """8 query heads sharing `kv` kv heads, split over tp ranks that each hold whole kv heads."""
+    """tp ≤ kv splits the kv heads; tp > kv gives each rank a copy of its kv head (tp/kv ranks
+    share one), whose gradients must add up to the one process's. 8 query heads."""
     gqa = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=kv, vocab_size=250, multiple_of=16, max_seq_len=32)
     run_on_ranks(_model_equals_one_process, tp_size, tp_size, sp, cfg=gqa)
 
@@ -101,5 +102,12 @@ def test_layouts_that_cannot_split_fail_clearly_before_any_collective():
     assert msgs[0].startswith("seq_len=15 is not divisible by tp=2: sequence parallelism")
     msgs = run_on_ranks(_bad_layout, 4, 4, LlamaConfig(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=64,
                                                        multiple_of=16, max_seq_len=32), 8, False)
-    assert msgs[0] == ("n_kv_heads=2 is not divisible by tp=4: each tp rank holds whole kv heads; "
-                       "choose tp in [1, 2]")
+    assert msgs[0] is None  # tp 4 over 2 kv heads: two copies of each
+
+
+def test_a_tp_that_neither_divides_nor_is_a_multiple_of_the_kv_heads_is_one_line():
+    cfg = LlamaConfig(dim=96, n_layers=1, n_heads=12, n_kv_heads=4, vocab_size=64, ffn_hidden=96)
+    with pytest.raises(ValueError) as err:
+        check_tensor_parallel(cfg, 6)
+    assert str(err.value) == ("tp=6 neither divides n_kv_heads=4 nor is a multiple of it: a tp rank holds whole kv "
+                              "heads, or a copy of one; choose tp in [1, 2, 4, 12]")
