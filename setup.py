@@ -19,7 +19,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "transformers>=4.40", "ruff>=0.5", "tensorboard>=2.14"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "transformers>=4.40", "ruff>=0.5", "tensorboard>=2.14",
+                 "lm-eval>=0.4.2", "accelerate>=0.26"],
+        # llama-eval --harness: EleutherAI's lm-evaluation-harness, whose hf model needs accelerate
+        "eval": ["lm-eval>=0.4.2", "accelerate>=0.26", "transformers>=4.40"],
         "mpi": ["mpi4py>=3.1"],
         "xformers": ["xformers>=0.0.23"],
         "plot": ["matplotlib>=3.6"],

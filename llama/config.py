@@ -103,6 +103,7 @@ class LlamaConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # LLaMA 3.1's frequency scaling: {"rope_type": "llama3", "factor": 8, ...}
+    tie_word_embeddings: bool = False  # the output head is the embedding (LLaMA 3.2 1B and 3B)
 
     def __post_init__(self) -> None:
         _positive(self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", integer=True)
@@ -142,9 +143,10 @@ class LlamaConfig:
         return ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def num_params(self) -> int:
-        """Parameter count from the shapes alone (embedding and output untied, no biases)."""
+        """Parameter count from the shapes alone (no biases; the output head counted unless tied)."""
         per_layer = 2 * self.dim * (self.dim + self.kv_dim) + 3 * self.dim * self.ffn_dim + 2 * self.dim
-        return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * self.dim
+        return embeddings + self.n_layers * per_layer + self.dim
 
 
 @dataclass

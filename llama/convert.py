@@ -224,7 +224,12 @@ def write_native(reader, out: Path) -> None:
 HF_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
 
-def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> None:
+def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES, tokenizer=None) -> None:
+    """config.json and the weights; with `tokenizer` (a SentencePiece model), Hugging Face's
+    tokenizer files beside them (llama/hf_tokenizer.py), checked before any weight is written."""
+    if tokenizer is not None:
+        from llama.hf_tokenizer import check_tokenizer
+        check_tokenizer(tokenizer, reader.cfg.vocab_size)
     names = formats.native_names(reader.cfg)
     dtype = reader.dtype(names[0][0])
     size = torch.empty((), dtype=dtype).element_size()
@@ -258,6 +263,9 @@ def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> No
     cfg = formats.hf_config(reader.cfg)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    if tokenizer is not None:
+        from llama.hf_tokenizer import write_hf_tokenizer
+        write_hf_tokenizer(tokenizer, out, reader.cfg.vocab_size, reader.cfg.max_seq_len)
 
 
 def write_meta(reader, out: Path, tp: int = 1) -> None:
@@ -270,10 +278,12 @@ def write_meta(reader, out: Path, tp: int = 1) -> None:
         if value % tp:
             raise ConversionError(f"{dim_name}={value} is not divisible by --tp {tp}")
     padded_vocab = -(-cfg.vocab_size // tp) * tp
+    if cfg.tie_word_embeddings:  # Meta's code has a head of its own: it gets the embedding (untied on reading)
+        names = names + [("output.weight", (cfg.vocab_size, cfg.dim))]
     for rank in range(tp):  # one shard file in memory at a time
         shard = {}
         for n, s in names:
-            t = reader.tensor(n, s)
+            t = reader.tensor("tok_embeddings.weight" if n == "output.weight" and cfg.tie_word_embeddings else n, s)
             if n in ("tok_embeddings.weight", "output.weight") and padded_vocab > cfg.vocab_size:
                 t = torch.cat([t, t.new_zeros(padded_vocab - cfg.vocab_size, t.shape[1])])
             dim = formats.meta_split_dim(n)
@@ -286,16 +296,19 @@ def write_meta(reader, out: Path, tp: int = 1) -> None:
 
 
 def convert(src_fmt: str, src, dst_fmt: str, dst, tp: int = 1, max_seq_len: int = 2048,
-            max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> dict:
-    """Convert; returns the config and the process's peak resident memory."""
+            max_shard_bytes: int = HF_MAX_SHARD_BYTES, tokenizer=None) -> dict:
+    """Convert; returns the config and the process's peak resident memory. `tokenizer`, a
+    SentencePiece model, is written beside an `hf` output as Hugging Face's tokenizer files."""
     if dst_fmt not in FORMATS:
         raise ConversionError(f"format {dst_fmt!r} is not one of {FORMATS}")
+    if tokenizer is not None and dst_fmt != "hf":
+        raise ConversionError(f"a tokenizer is written only beside an hf output, not {dst_fmt!r}")
     reader = open_reader(src_fmt, src, max_seq_len)
     dst = Path(dst)
     if dst_fmt == "native":
         write_native(reader, dst)
     elif dst_fmt == "hf":
-        write_hf(reader, dst, max_shard_bytes)
+        write_hf(reader, dst, max_shard_bytes, tokenizer)
     else:
         write_meta(reader, dst, tp)
     largest = max(torch.Size(s).numel() for _, s in formats.native_names(reader.cfg))

@@ -9,16 +9,23 @@ Task files are JSONL, one example per line:
 Multiple choice picks the completion with the highest likelihood given the context, normalised
 (`--normalization`) by its number of characters (`char`, the paper's default), by its
 likelihood given "Answer:" as context (`answer`: log P(c | context) − log P(c | "Answer:"), the
-paper's choice for OpenBookQA and BoolQ), or not at all (`none`). Few-shot (`--shots k`) puts k
+paper's choice for OpenBookQA and BoolQ), by its number of characters without one leading space
+(`lm-eval`: lm-evaluation-harness's acc_norm, whose choices leave out the space its
+target_delimiter puts before them), or not at all (`none`). Few-shot (`--shots k`) puts k
 solved examples before the context, separated by blank lines. Short answers are generated
 greedily up to a newline and compared after SQuAD's normalisation (case, punctuation, articles).
 
 At tp × pp > 1 (`--tp`, `--pp`), the last pipeline stage computes the likelihoods and
 broadcasts them, so every rank holds the same results; global rank 0 prints them.
 
+`--harness TASKS` runs EleutherAI's lm-evaluation-harness on the checkpoint as well (its `hf`
+model, one process; llama/harness.py; the `eval` extra), `--harness-include DIR` adding local
+task YAMLs; its metrics are printed under "harness".
+
     llama-eval --checkpoint runs/demo/ckpt --tokenizer data/demo/tokenizer.model \\
         --perplexity data/demo/prose-valid --task tasks/mc.jsonl --shots 1
     torchrun --nproc-per-node 4 -m llama.evaluate ... --tp 2 --pp 2
+    llama-eval --checkpoint runs/demo/hf --format hf --harness arc_easy,hellaswag --harness-limit 100
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from llama.generate import Pipeline, generate
 from llama.inputs import InputError, read_jsonl
 from llama.shards import Shard
 
-NORMALIZATIONS = ("char", "answer", "none")
+NORMALIZATIONS = ("char", "answer", "lm-eval", "none")
 
 
 def read_tasks(path) -> list[dict]:
@@ -104,6 +111,8 @@ def multiple_choice(model, tokenizer, examples: list[dict], shots: int = 0, norm
             logp, _ = continuation_logprob(model, tokenizer, prefix + ex["context"], choice, topo)
             if normalization == "char":
                 logp /= max(1, len(choice))
+            elif normalization == "lm-eval":  # acc_norm: len(doc_to_choice), target_delimiter " " left out
+                logp /= max(1, len(choice.removeprefix(" ")))
             elif normalization == "answer":
                 logp -= continuation_logprob(model, tokenizer, "Answer:", choice, topo)[0]
             scores.append(logp)
@@ -173,11 +182,25 @@ def build_parser() -> cli.Parser:
     parser.add_argument("--seq-len", type=cli.int_at_least(1), default=256, help="perplexity window, in tokens")
     parser.add_argument("--max-windows", type=cli.int_at_least(1), help="perplexity windows (default: all)")
     parser.add_argument("--task", action="append", default=[], help="a JSONL task file (repeatable; default: none)")
-    parser.add_argument("--shots", type=cli.int_at_least(0), default=0, help="solved examples before each one")
+    parser.add_argument("--shots", type=cli.int_at_least(0),
+                        help="solved examples before each one (default: 0; with --harness, each task's own)")
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="char",
                         help="multiple-choice score normalisation")
     parser.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=16,
                         help="short answers: tokens generated at most")
+    parser.add_argument("--harness", metavar="TASKS",
+                        help="lm-evaluation-harness tasks, comma-separated (names, groups, globs or YAML paths), "
+                             "run through its hf model on this checkpoint (an HF export with tokenizer.json as is; "
+                             "otherwise converted, with --tokenizer); needs the eval extra (default: none)")
+    parser.add_argument("--harness-include", metavar="DIR", action="append", default=[],
+                        help="a directory (or YAML file) of local lm-eval task configs (repeatable; default: none)")
+    parser.add_argument("--harness-limit", type=cli.int_at_least(1), metavar="N",
+                        help="--harness: items per task (default: all)")
+    parser.add_argument("--harness-model-args", metavar="K=V,...",
+                        help="--harness: more arguments of lm-eval's hf model, e.g. batch_size=8,dtype=bfloat16 "
+                             "(default: dtype=float32, the GPU if there is one)")
+    parser.add_argument("--harness-samples", metavar="FILE",
+                        help="--harness: write every item's log-likelihoods and metrics as JSONL (default: none)")
     parser.add_argument("--tp", type=cli.int_at_least(1), default=1,
                         help="tensor-parallel size (tp × pp must divide the world size; the rest are replicas)")
     parser.add_argument("--pp", type=cli.int_at_least(1), default=1,
@@ -185,31 +208,61 @@ def build_parser() -> cli.Parser:
     return parser
 
 
+def _launch_world_size() -> int:
+    try:
+        from launcher.env import detect
+        return detect().world_size
+    except Exception:
+        return 1
+
+
 def run(args) -> int:
-    if not args.perplexity and not args.task:  # checked before anything slow, as are the task files
-        raise InputError("nothing to evaluate: give --perplexity SHARD and/or --task FILE.jsonl")
+    if not args.perplexity and not args.task and not args.harness:  # checked before anything slow, as are the tasks
+        raise InputError("nothing to evaluate: give --perplexity SHARD and/or --task FILE.jsonl and/or --harness TASKS")
     if args.task and not args.tokenizer:
         raise InputError("--task needs --tokenizer (the SentencePiece model of the checkpoint)")
+    harness_tasks = [t.strip() for t in (args.harness or "").split(",") if t.strip()]
+    if args.harness is not None and not harness_tasks:
+        raise InputError("--harness needs task names, comma-separated (e.g. arc_easy,hellaswag)")
+    if harness_tasks:
+        from llama.harness import check_inputs, parse_model_args, require_lm_eval
+        if args.tp * args.pp > 1 or _launch_world_size() > 1:
+            raise InputError("--harness runs lm-eval's own model in one process: run it without --tp, --pp "
+                             "or a launcher (or apart from them)")
+        require_lm_eval()
+        parse_model_args(args.harness_model_args)
+        check_inputs(args.checkpoint, args.format, args.tokenizer, args.harness_include)
     tasks = {path: read_tasks(path) for path in args.task}
-    from launcher.init import initialize
-    from llama.generate import load_model
-    from llama.tokenizer import Tokenizer
-    from parallel.layers import TensorParallel
-    with cli.process_group_scope():
-        topo = initialize(tp=args.tp, pp=args.pp)
-        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
-        model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group), topo=topo)
-        results = {}
-        if args.perplexity:
-            results["perplexity"] = perplexity(model, args.perplexity, args.seq_len, args.max_windows, topo=topo)
-        for path, examples in tasks.items():
-            if "choices" in examples[0]:
-                r = multiple_choice(model, tokenizer, examples, args.shots, args.normalization, topo=topo)
-            else:
-                r = exact_match(model, tokenizer, examples, args.max_new_tokens, args.shots, topo=topo)
-            results[path] = {k: v for k, v in r.items() if k != "details"}
-        if topo.rank == 0:  # every rank holds the same results (the last stage broadcast them)
-            print(json.dumps(results, indent=1))
+    shots = args.shots or 0
+    results = {}
+    if args.perplexity or tasks:
+        from launcher.init import initialize
+        from llama.generate import load_model
+        from llama.tokenizer import Tokenizer
+        from parallel.layers import TensorParallel
+        with cli.process_group_scope():
+            topo = initialize(tp=args.tp, pp=args.pp)
+            tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+            model = load_model(args.checkpoint, args.format, TensorParallel(topo.tp_group), topo=topo)
+            if args.perplexity:
+                results["perplexity"] = perplexity(model, args.perplexity, args.seq_len, args.max_windows, topo=topo)
+            for path, examples in tasks.items():
+                if "choices" in examples[0]:
+                    r = multiple_choice(model, tokenizer, examples, shots, args.normalization, topo=topo)
+                else:
+                    r = exact_match(model, tokenizer, examples, args.max_new_tokens, shots, topo=topo)
+                results[path] = {k: v for k, v in r.items() if k != "details"}
+            rank = topo.rank
+            del model
+    else:
+        rank = 0
+    if harness_tasks:
+        from llama import harness
+        results["harness"] = harness.evaluate(args.checkpoint, args.format, harness_tasks, args.tokenizer,
+                                              args.harness_include, args.shots, args.harness_limit,
+                                              args.harness_model_args, args.harness_samples)
+    if rank == 0:  # every rank holds the same results (the last stage broadcast them)
+        print(json.dumps(results, indent=1))
     return 0
 
 

@@ -42,7 +42,7 @@ def native_names(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "feed_forward.w1.weight", (f, d)), (p + "feed_forward.w2.weight", (d, f)),
                 (p + "feed_forward.w3.weight", (f, d)), (p + "attention_norm.weight", (d,)),
                 (p + "ffn_norm.weight", (d,))]
-    return out + [("norm.weight", (d,)), ("output.weight", (v, d))]
+    return out + [("norm.weight", (d,))] + ([] if cfg.tie_word_embeddings else [("output.weight", (v, d))])
 
 
 def _suffix(name: str) -> str:
@@ -130,14 +130,13 @@ def hf_config(cfg: LlamaConfig) -> dict:
             "num_key_value_heads": cfg.kv_heads, "num_hidden_layers": cfg.n_layers, "rms_norm_eps": cfg.norm_eps,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "rope_parameters": (cfg.rope_scaling or {"rope_type": "default"}) | {"rope_theta": cfg.rope_theta},
-            "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "hidden_act": "silu", "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
+            "mlp_bias": False,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 
 
 def config_from_hf(c: dict) -> LlamaConfig:
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if c.get("tie_word_embeddings"):
-        raise ValueError("tie_word_embeddings=true: LLaMA's input and output embeddings are separate")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers ≥ 5, and before
     theta = rope.get("rope_theta") or c.get("rope_theta") or 10000.0
     dim, ffn = c["hidden_size"], c["intermediate_size"]
@@ -147,4 +146,5 @@ def config_from_hf(c: dict) -> LlamaConfig:
                        vocab_size=c["vocab_size"],
                        norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 2048),
                        rope_theta=float(theta), rope_scaling=rope or None, multiple_of=multiple or 256,
+                       tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                        ffn_hidden=None if multiple else ffn)

@@ -24,7 +24,7 @@ from llama.model import Transformer, check_tensor_parallel
 from llama.parallelize import activation_shape
 from parallel.checkpoint import load_checkpoint, read_meta
 from parallel.layers import NO_TP, TensorParallel
-from parallel.params import shard_of
+from parallel.params import logical_name, shard_of
 from parallel.pipeline.p2p import PipelineP2P
 from parallel.pipeline.partition import chunks_of_rank
 from parallel.topology import divisors
@@ -226,8 +226,8 @@ def load_model(checkpoint: str, fmt: str = "native", tp: TensorParallel = NO_TP,
         load_checkpoint(checkpoint, [model], None, None, weights_only=True)
     else:
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(shard_of(reader.tensor(name, p.logical_shape), p).to(p.dtype))
+            for name, p in model.named_parameters():  # a tied head's copy reads the embedding
+                p.copy_(shard_of(reader.tensor(logical_name(name, p), p.logical_shape), p).to(p.dtype))
     return model
 
 

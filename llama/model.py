@@ -3,7 +3,8 @@
     tokens → embedding → n × [RMSNorm → attention(RoPE) → +residual; RMSNorm → SwiGLU → +residual]
            → RMSNorm → output projection
 
-Pre-normalisation, SwiGLU, rotary embeddings, no biases, untied input and output embeddings.
+Pre-normalisation, SwiGLU, rotary embeddings, no biases, untied input and output embeddings
+(tied in LLaMA 3.2's small models: `tie_word_embeddings`, the head multiplying by the embedding).
 Parameter names are Meta's and layout-free (`layers.17.attention.wq.weight`). On one process
 the parallel layers are plain linear layers; with a tp group they shard themselves. A pipeline
 stage builds only its `layer_ids`, plus the embedding on the first stage and the head on the last.
@@ -140,6 +141,11 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
             self.padded_vocab = padded_size(cfg.vocab_size, vocab_pad_multiple * tp.size)
             self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, padded_out_features=self.padded_vocab, **kw)
+            if cfg.tie_word_embeddings:  # one weight, [vocab/tp, dim] on both sides, padded alike
+                if first_stage:
+                    self.output.weight = self.tok_embeddings.weight
+                else:  # a copy, kept equal: see llama.parallelize.tie_embeddings
+                    self.output.weight.tied_name, self.output.weight.tied_copy = "tok_embeddings.weight", True
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

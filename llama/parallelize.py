@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llama.config import LlamaConfig
 from llama.model import Transformer
+from parallel import comm
 from parallel.layers import TensorParallel
 from parallel.params import init_parameters
 from parallel.pipeline.partition import chunks_of_rank
@@ -21,7 +22,23 @@ def build_chunks(cfg: LlamaConfig, topo, sp: bool = False, vpp: int = 1, stage_l
         if seed is not None:
             init_parameters(model, seed)
         chunks.append(model)
+    if cfg.tie_word_embeddings and topo.pp > 1:
+        tie_embeddings(chunks, topo)
     return chunks
+
+
+def tie_embeddings(chunks: list[Transformer], topo) -> None:
+    """Tied embeddings across pipeline stages (Megatron's embedding group): the last stage holds
+    a copy of the first stage's embedding as its head, initialised and loaded as that same
+    tensor (`tied_name`), and after each backward the two gradients are summed between the
+    first and last stage ranks of the same tp and dp coordinates, so both apply one update.
+    Only those two ranks create their group."""
+    tied = [c.tok_embeddings.weight for c in chunks if c.first_stage] + \
+           [c.output.weight for c in chunks if c.last_stage]
+    if tied:
+        group = comm.subgroup([topo.pp_ranks[0], topo.pp_ranks[-1]])
+        for p in tied:
+            p.tied_group = group
 
 
 def activation_shape(cfg: LlamaConfig, micro_batch: int, seq_len: int, tp: int, sp: bool) -> tuple[int, int, int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from parallel.params import logical_name
 from parallel.tensor_files import StreamingSafetensorsWriter, TensorFile
 
 INDEX = "index.json"
@@ -80,7 +81,13 @@ def _piece(name: str, param, start: int, stop: int, dtype: torch.dtype) -> Piece
 
 
 def named_params(modules) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for m in modules for n, p in m.named_parameters()]
+    """(logical name, parameter): a tied embedding's copy on the last stage loads as the embedding."""
+    return [(logical_name(n, p), p) for m in modules for n, p in m.named_parameters()]
+
+
+def _written_elsewhere(param) -> bool:
+    """The last stage's copy of a tied embedding: the first stage writes the one tensor."""
+    return getattr(param, "tied_copy", False)
 
 
 def bucket_layout(optimizer, modules) -> list[list[tuple]]:
@@ -94,6 +101,8 @@ def my_pieces(modules, topo, optimizer=None) -> list[tuple[Piece, torch.Tensor]]
     tensors they hold: views, to be copied before training goes on."""
     out = []
     for name, p in named_params(modules):
+        if _written_elsewhere(p):
+            continue
         n, i = _holders(p, topo)
         a, b = split(0, p.numel(), n, i)
         if b > a:
@@ -104,7 +113,7 @@ def my_pieces(modules, topo, optimizer=None) -> list[tuple[Piece, torch.Tensor]]
         state = optimizer.bucket_state(b)  # this rank's [lo, hi) of the bucket: all of it without ZeRO
         for name, p, off in rows:
             s, e = max(off, lo), min(off + p.numel(), hi)
-            if s >= e:
+            if s >= e or _written_elsewhere(p):
                 continue  # under the distributed optimizer: another dp rank's
             if optimizer.distributed:  # only this dp rank holds [s, e); tp may replicate it
                 n, i = p.tp_copies, p.tp_copy_rank

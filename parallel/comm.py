@@ -71,12 +71,17 @@ def block_subgroup(group, size: int):
         return None
     members = dist.get_process_group_ranks(group)
     mine = members.index(dist.get_rank())
-    block = tuple(members[mine - mine % size: mine - mine % size + size])
-    key = (id(dist.group.WORLD), block)
+    return subgroup(members[mine - mine % size: mine - mine % size + size])
+
+
+def subgroup(ranks) -> object:
+    """The group of `ranks` (global ranks, this one among them), created once, by its members
+    only (local synchronisation), with the world group's timeout."""
+    key = (id(dist.group.WORLD), tuple(ranks))
     if key not in _SUBGROUPS:
         from parallel.topology import world_timeout
         timeout = world_timeout()
-        _SUBGROUPS[key] = dist.new_group(list(block), use_local_synchronization=True,
+        _SUBGROUPS[key] = dist.new_group(list(ranks), use_local_synchronization=True,
                                          **({"timeout": timeout} if timeout else {}))
     return _SUBGROUPS[key]
 

@@ -60,10 +60,15 @@ class GradBuckets:
         decays = decays or (lambda p: True)
         self.buckets: list[Bucket] = []
         limit = bucket_mb * 2**20 / torch.finfo(grad_dtype).bits * 8
+        # A tied embedding (its copies on the first and last pipeline stages) gets a bucket of its
+        # own: the same layout on both stages, so their (dp-shards of) gradients can be summed.
+        tied = [p for p in params if p.requires_grad and getattr(p, "tied_group", None) is not None]
+        self.buckets += [Bucket([p], grad_dtype, self.dp, decays(p)) for p in tied]
+        tied_ids = {id(p) for p in tied}
         # Backward visits the last layers first: bucket in reverse order so the first bucket fills first.
         for decay in (True, False):
             run, size = [], 0
-            for p in reversed([p for p in params if p.requires_grad and decays(p) == decay]):
+            for p in reversed([p for p in params if p.requires_grad and decays(p) == decay and id(p) not in tied_ids]):
                 run.append(p)
                 size += p.numel()
                 if size >= limit:
@@ -171,5 +176,8 @@ class GradBuckets:
             if not self.reduce_scatter and reduced is not b.grad:
                 b.grad.copy_(reduced)
                 reduced = b.grad
+            tied_group = getattr(b.params[0], "tied_group", None)
+            if tied_group is not None:  # the embedding's and the head's gradients, summed (Megatron's
+                comm.all_reduce(reduced, tied_group)  # embedding group); here, after the schedule's last send
             out.append(reduced)
         return out

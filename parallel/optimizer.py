@@ -70,8 +70,8 @@ class Optimizer:
         """Slices of [lo, hi) (relative to lo) whose parameters this rank counts in the norm."""
         out = []
         for p, off in zip(bucket.params, bucket.offsets):
-            if p.tp_copy_rank != 0:
-                continue  # held by several tp ranks: its first copy counts it
+            if p.tp_copy_rank != 0 or getattr(p, "tied_copy", False):
+                continue  # held by several ranks (tp copies, a tied embedding's stages): one counts it
             start, end = max(off, lo), min(off + p.numel(), hi)
             if start < end:
                 out.append(slice(start - lo, end - lo))

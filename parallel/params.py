@@ -77,4 +77,11 @@ def init_parameters(module: nn.Module, seed: int) -> None:
     for name, p in module.named_parameters():
         if p.is_meta:
             continue
-        p.copy_(shard_of(logical_init(name, p, seed), p).to(p.dtype))
+        p.copy_(shard_of(logical_init(logical_name(name, p), p, seed), p).to(p.dtype))
+
+
+def logical_name(name: str, param) -> str:
+    """The logical tensor a parameter holds: its own name, or for the last pipeline stage's copy
+    of a tied embedding (`tied_name`) the embedding's, so that it initialises, saves and loads
+    as that one tensor."""
+    return getattr(param, "tied_name", name)

@@ -175,6 +175,11 @@ CASES = [
     ("llama-train", ["--config", "llama-65b", "--tp", "8", "--pp", "3", "--dry-run", "--world-size", "2048"],
      "world size 2048 is not divisible by tp*pp=8*3"),
     ("llama-train", ["--tp", "8", "--dry-run", "--world-size", "8"], "n_heads=4 is not divisible by tp=8"),
+    ("llama-train", ["--set", "model.dim=96", "--set", "model.n_heads=12", "--set", "model.n_kv_heads=4", "--set",
+                     "model.ffn_hidden=96", "--tp", "6", "--dry-run", "--world-size", "6"],
+     "tp=6 neither divides n_kv_heads=4 nor is a multiple of it"),
+    ("llama-train", ["--set", "model.rope_scaling={{rope_type: yarn, factor: 4}}", "--dry-run", "--world-size", "1"],
+     "rope_scaling type 'yarn' is not supported; known: ['llama3']"),
     ("llama-train", ["--dry-run", "--world-size", "0"], "argument --world-size: 0 must be >= 1"),
     # damaged checkpoints (issue 17): the file and the tensor named, by every command that reads one
     ("llama-generate", ["--checkpoint", "{d}/flipped-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"], CHECKSUM),

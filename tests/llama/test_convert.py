@@ -1,5 +1,6 @@
 """Checkpoint conversion: exact round trips through every format, and a model from transformers
 running at tp=2 × pp=2 with transformers' own logits."""
+import dataclasses
 import json
 
 import pytest
@@ -23,6 +24,8 @@ GQA = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=250, m
 # 8's wavelengths, 6 to 118k positions, fall in all three of its bands), a vocabulary no tp divides
 LLAMA3 = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=251, multiple_of=16, max_seq_len=8200,
                      rope_theta=500000.0, rope_scaling={"rope_type": "llama3"})
+# LLaMA 3.2's small models: the head tied to the embedding, rope scaling factor 32
+LLAMA32 = dataclasses.replace(LLAMA3, tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 32.0})
 
 
 def _hf_model(path, cfg=CFG):
@@ -211,7 +214,7 @@ def test_a_bad_shard_size_is_one_line(tmp_path, capsys, text, message):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-@pytest.mark.parametrize("cfg", [GQA, LLAMA3], ids=["gqa", "llama3"])
+@pytest.mark.parametrize("cfg", [GQA, LLAMA3, LLAMA32], ids=["gqa", "llama3", "llama3.2-tied"])
 def test_grouped_query_attention_converts_exactly_and_gives_transformers_logits(tmp_path, cfg):
     """8 query heads, 2 kv heads: HF's q/k permutation per kv head for wk; Meta's shards split wk
     and wv on kv heads; logits within 1e-5 of transformers' at tp 1, 2, 4 (two copies of each kv
@@ -227,7 +230,11 @@ def test_grouped_query_attention_converts_exactly_and_gives_transformers_logits(
     assert params["n_kv_heads"] == 2 and params.get("use_scaled_rope", False) == (cfg.rope_scaling is not None)
     convert("meta", tmp_path / "meta", "native", tmp_path / "native2")
     convert("native", tmp_path / "native2", "hf", tmp_path / "hf3")
-    _same_tensors(load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf3" / "model.safetensors"))
+    hf, hf3 = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf3" / "model.safetensors")
+    if cfg.tie_word_embeddings:  # Meta's layout has no tie: the head comes back as a copy of the embedding
+        assert "lm_head.weight" not in hf and "output.weight" in torch.load(tmp_path / "meta" / "consolidated.00.pth")
+        assert torch.equal(hf3.pop("lm_head.weight"), hf["model.embed_tokens.weight"])
+    _same_tensors(hf, hf3)
     assert json.loads((tmp_path / "hf3" / "config.json").read_text())["rope_parameters"] == \
         json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

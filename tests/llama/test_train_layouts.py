@@ -22,6 +22,7 @@ import torch.distributed as dist
 from llama.config import load_config
 from llama.demo_corpus import prose_text
 from llama.train import ByteDemoData, train
+from parallel.checkpoint_pieces import named_params
 from parallel.data_parallel import GradBuckets
 from parallel.params import full_tensor
 from parallel.topology import build_topology
@@ -75,10 +76,9 @@ def logical_gradients(chunks, topo, buckets, grads) -> dict:
         full.append(g)
     where = {id(p): (i, off) for i, b in enumerate(buckets.buckets) for p, off in zip(b.params, b.offsets)}
     out = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            i, off = where[id(p)]
-            out[name] = full_tensor(full[i][off:off + p.numel()].view_as(p), p, topo.tp_group).clone()
+    for name, p in named_params(chunks):  # a tied head's copy under the embedding's name
+        i, off = where[id(p)]
+        out[name] = full_tensor(full[i][off:off + p.numel()].view_as(p), p, topo.tp_group).clone()
     return out
 
 
@@ -89,9 +89,8 @@ def _run(topo, ckpt=None, record_gradients=False, **kw) -> dict:
     grads = [logical_gradients(result.chunks, topo, *steps[i]) for i in (0, -1)] if record_gradients else []
     weights = {}
     if topo.dp_rank == 0:
-        for chunk in result.chunks:
-            for name, p in chunk.named_parameters():
-                weights[name] = full_tensor(p.detach(), p, topo.tp_group).clone()
+        for name, p in named_params(result.chunks):
+            weights[name] = full_tensor(p.detach(), p, topo.tp_group).clone()
     return dict(losses=result.losses, grad_norms=result.grad_norms, weights=weights, skipped=result.skipped,
                 grads=grads if topo.dp_rank == 0 else [{} for _ in grads], state_bytes=result.optimizer.state_bytes())
 
@@ -113,16 +112,17 @@ def _train_on_ranks(tp, pp, **kw):
 
 
 @functools.cache
-def _reference(n_kv_heads=None):
-    return _layout_run(build_topology(), **({"model": {"n_kv_heads": n_kv_heads}} if n_kv_heads else {}))
+def _reference(model: tuple = ()):
+    """The one-process run, of the default model or with `model`'s (key, value) overrides."""
+    return _layout_run(build_topology(), **({"model": dict(model)} if model else {}))
 
 
 def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
 
 
-def _assert_same_run(outs, what, n_kv_heads=None):
-    ref = _reference(n_kv_heads)
+def _assert_same_run(outs, what, model: dict | None = None):
+    ref = _reference(tuple(sorted((model or {}).items())))
     assert min(ref["grad_norms"]) < CLIP < max(ref["grad_norms"]), \
         f"the clip {CLIP} must act at some steps and not at others: gradient norms {ref['grad_norms']}"
     weights, grads = {}, [{}, {}]
@@ -177,4 +177,17 @@ def test_grouped_query_attention_with_copied_kv_heads_trains_the_same_model(sp):
     gradients must sum to the one process's (under dp, pp and ZeRO-1 too)."""
     outs = run_on_ranks(_train_on_ranks, 8, 2, 2, sp=sp, distributed_optimizer=sp, model={"n_kv_heads": 1},
                         timeout=300)
-    _assert_same_run(outs, f"(tp, pp, dp)=(2, 2, 2) sp={sp} with n_kv_heads=1", n_kv_heads=1)
+    _assert_same_run(outs, f"(tp, pp, dp)=(2, 2, 2) sp={sp} with n_kv_heads=1", {"n_kv_heads": 1})
+
+
+@pytest.mark.parametrize("tp,pp,dp,sp", [(2, 2, 2, True), (1, 2, 2, False), (2, 1, 2, False)])
+def test_tied_embeddings_train_the_same_model(tp, pp, dp, sp):
+    """LLaMA 3.2's tied head: at pp 1 one weight serves both ends; at pp 2 the last stage's copy
+    gets the sum of both gradients, and both copies stay equal to the one process's weight."""
+    outs = run_on_ranks(_train_on_ranks, tp * pp * dp, tp, pp, sp=sp, distributed_optimizer=sp,
+                        model={"tie_word_embeddings": True}, timeout=300)
+    _assert_same_run(outs, f"(tp, pp, dp)=({tp}, {pp}, {dp}) sp={sp} with tied embeddings",
+                     {"tie_word_embeddings": True})
+    copies = [out["weights"]["tok_embeddings.weight"] for out in outs if "tok_embeddings.weight" in out["weights"]]
+    assert len(copies) == (2 if pp > 1 else 1) * tp  # both ends, each tp rank gathering the whole tensor
+    assert all(torch.equal(c, copies[0]) for c in copies)

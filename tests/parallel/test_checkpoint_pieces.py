@@ -18,7 +18,9 @@ ATOL = 2e-6
 
 
 def _run(tp, pp, dp, zero, kv=None):
-    run = load_config("tiny", {"model": {"n_kv_heads": kv}})
+    """kv: None, or the kv heads; "tied": tied embeddings instead (LLaMA 3.2)."""
+    model = {"tie_word_embeddings": True} if kv == "tied" else {"n_kv_heads": kv}
+    run = load_config("tiny", {"model": model})
     run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=[], tokenizer=""))
     t = run.train
     t.tp, t.pp, t.dp, t.distributed_optimizer, t.steps, t.micro_batch = tp, pp, dp, zero, 1, 8
@@ -56,9 +58,10 @@ def _reference(kv=None):
     return tensors, params
 
 
-# kv=1: grouped-query attention with tp 2 holding two copies of the one kv head, which are written once
+# kv=1: grouped-query attention with tp 2 holding two copies of the one kv head, which are written once;
+# "tied": the last stage's copy of a tied embedding is not written (the first stage writes it)
 @pytest.mark.parametrize("tp,pp,dp,zero,kv", [(2, 1, 2, True, None), (1, 2, 2, False, None), (2, 1, 2, True, 1),
-                                              (2, 1, 2, False, 1)])
+                                              (2, 1, 2, False, 1), (1, 2, 2, True, "tied")])
 def test_every_rank_writes_its_share_once_and_any_layout_reads_it_back(tmp_path, tp, pp, dp, zero, kv):
     written = run_on_ranks(_save, tp * pp * dp, tmp_path, tp, pp, dp, zero, kv, timeout=200)
     reference, params = _reference(kv)
