@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.packing import masked_attention
 from parallel.layers import NO_TP, ColumnParallelLinear, RowParallelLinear, TensorParallel, column_parallel, divide
 
 BACKENDS = ("auto", "sdpa", "xformers")
@@ -72,7 +73,7 @@ def _rotate(x, cos, sin, conjugate: bool):
     compute = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 (gradcheck)
     pairs = torch.view_as_complex(x.to(compute).contiguous().unflatten(-1, (-1, 2)))
     turn = torch.complex(cos.to(compute), -sin.to(compute) if conjugate else sin.to(compute))
-    return torch.view_as_real(pairs * turn[:, None, :]).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * turn.unsqueeze(-2)).flatten(-2).to(x.dtype)  # tables [s, d/2] or [b, s, d/2]
 
 
 @functools.cache
@@ -102,8 +103,11 @@ def resolve_backend(name: str, device) -> str:
     return "sdpa" if reason else "xformers"
 
 
-def causal_attention(q, k, v, backend: str = "sdpa", start_pos: int = 0):
-    """q [b, s_q, h, d]; k, v [b, s_k, h, d]; query i sits at position start_pos + i."""
+def causal_attention(q, k, v, backend: str = "sdpa", start_pos: int = 0, mask=None):
+    """q [b, s_q, h, d]; k, v [b, s_k, h, d]; query i sits at position start_pos + i. `mask`:
+    packed examples' block-diagonal causal mask (llama/packing.py) in the backend's form."""
+    if mask is not None:
+        return masked_attention(q, k, v, mask)
     s_q, s_k = q.shape[1], k.shape[1]
     if backend == "xformers":
         import xformers.ops as xops
@@ -145,7 +149,7 @@ class Attention(nn.Module):
         # Residual-branch outputs scaled by 1/sqrt(2·n_layers) (GPT-2, Megatron-LM).
         self.wo = RowParallelLinear(dim, dim, init_std=0.02 / math.sqrt(2 * n_layers), **kw)
 
-    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
+    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0, mask=None):
         xq, xk, xv = column_parallel(x, self.wq, self.wk, self.wv)
         b, s = xq.shape[:2]  # the full sequence, also when x was a sequence shard
         xq = xq.view(b, s, self.n_local_heads, self.head_dim)
@@ -156,5 +160,5 @@ class Attention(nn.Module):
         group = self.n_local_heads // self.n_local_kv_heads
         if group > 1:  # query head h uses kv head h // group
             xk, xv = xk.repeat_interleave(group, dim=2), xv.repeat_interleave(group, dim=2)
-        out = causal_attention(xq, xk, xv, self.backend, start_pos)
+        out = causal_attention(xq, xk, xv, self.backend, start_pos, mask)
         return self.wo(out.reshape(b, s, -1))

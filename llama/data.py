@@ -10,6 +10,10 @@ Mixture (the paper's Table 1): the global sample stream is cut into blocks of 10
 block source s gets round(w_s · 1000) slots (largest remainders), placed by a permutation seeded
 with (seed, block). Shares are exact to within one block, yet interleaved at random.
 
+Fine-tuning shards (with a loss mask, llama/sft.py) are read as whole examples instead:
+`PackedExamples` packs them into rows (see there), and a sample is then a [4, seq_len + 1]
+array of tokens, loss mask, positions and segments. A mixture is all of one kind.
+
 Global order: global batch b is samples [consumed, consumed + global_batch) of that stream; dp
 rank d reads its contiguous slice. The only state is the number of consumed samples, so a run
 resumed with another dp size continues the same stream.
@@ -79,6 +83,70 @@ class PackedDataset:
         epoch, k = divmod(j, self.n_windows)
         start = SeededPermutation(self.n_windows, self.seed * 1_000_003 + epoch)(k) * self.seq_len
         return np.asarray(self.shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+
+
+class PackedExamples:
+    """A fine-tuning shard's examples packed whole into rows of seq_len + 1 tokens.
+
+    Packing: the examples, in an order seeded by `seed`, fill rows greedily: each goes into the
+    current row if it fits, else starts the next one; the rest of a row is padding (token 0,
+    loss mask 0, a segment of its own). A row of seq_len + 1 tokens gives seq_len inputs and
+    their next-token targets; an example's last token is only a target, so one of n tokens
+    fits in a row whenever n <= seq_len + 1. Longer examples are truncated to seq_len + 1
+    tokens (their tail, usually the end of the response, is not trained; `truncated` counts
+    them). The packing is made once; every epoch visits the rows in a new seeded order, as
+    `PackedDataset` visits its windows.
+
+    window(j) -> int64 [4, seq_len + 1]: tokens, loss mask (1: a trained target), position of
+    each token within its example (0 at its first token, BOS), segment (the example's index in
+    the row; padding after the last example)."""
+
+    def __init__(self, shard: Shard, seq_len: int, seed: int, name: str = ""):
+        if shard.loss_mask is None:
+            raise ShardError(f"shard {str(shard.prefix)!r} has no loss mask ({shard.prefix}.mask): not a fine-tuning "
+                             "shard (tools/preprocess_data.py --format sft writes one)")
+        self.shard, self.seq_len, self.seed, self.name = shard, seq_len, seed, name or str(shard.prefix)
+        offsets = shard.offsets.astype(np.int64)
+        lengths = np.diff(offsets)
+        self.truncated = int((lengths > seq_len + 1).sum())
+        self.starts, self.lengths = offsets[:-1], np.minimum(lengths, seq_len + 1)
+        self.order = np.random.default_rng([seed, 1]).permutation(shard.n_docs)
+        row_starts, used = [0], 0
+        for i, n in enumerate(self.lengths[self.order].tolist()):
+            if used + n > seq_len + 1:
+                row_starts.append(i)
+                used = 0
+            used += n
+        row_starts.append(shard.n_docs)
+        self.row_starts = np.asarray(row_starts, dtype=np.int64)
+        self.n_windows = len(self.row_starts) - 1
+        if shard.n_docs == 0:
+            raise ShardError(f"fine-tuning shard {str(shard.prefix)!r} has no examples")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.shard.n_tokens
+
+    def row(self, r: int) -> np.ndarray:
+        """Packed row r (in packing order): [4, seq_len + 1]."""
+        out = np.zeros((4, self.seq_len + 1), dtype=np.int64)
+        at = 0
+        docs = self.order[self.row_starts[r]:self.row_starts[r + 1]]
+        for seg, d in enumerate(docs.tolist()):
+            start, n = int(self.starts[d]), int(self.lengths[d])
+            out[0, at:at + n] = self.shard.tokens[start:start + n]
+            out[1, at:at + n] = self.shard.loss_mask[start:start + n]
+            out[2, at:at + n] = np.arange(n)
+            out[3, at:at + n] = seg
+            at += n
+        out[2, at:] = np.arange(self.seq_len + 1 - at)
+        out[3, at:] = len(docs)  # padding: a segment of its own, never a target
+        return out
+
+    def window(self, j: int) -> np.ndarray:
+        """The j-th row this source serves (j counts across epochs)."""
+        epoch, k = divmod(j, self.n_windows)
+        return self.row(SeededPermutation(self.n_windows, self.seed * 1_000_003 + epoch)(k))
 
 
 def block_counts(weights: list[float], block: int = BLOCK) -> list[int]:
@@ -161,6 +229,12 @@ def load_mixture(sources: list[dict], seq_len: int, seed: int, vocab_size: int) 
         src = DataSource(**spec)
         shard = Shard(src.path)
         shard.check_vocab(vocab_size)
-        datasets.append(PackedDataset(shard, seq_len, seed * 1_000_003 + i, name=src.path))
+        kind = PackedExamples if shard.loss_mask is not None else PackedDataset
+        datasets.append(kind(shard, seq_len, seed * 1_000_003 + i, name=src.path))
         weights.append(src.weight)
+    kinds = {type(d) for d in datasets}
+    if len(kinds) > 1:
+        tuned = [d.name for d in datasets if isinstance(d, PackedExamples)]
+        raise ShardError(f"the data sources mix fine-tuning shards (with a loss mask: {tuned}) and text shards; "
+                         "train on one kind at a time")
     return Mixture(datasets, weights, seed)

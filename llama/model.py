@@ -109,8 +109,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
 
-    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -150,11 +150,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x, targets=None, start_pos: int = 0, kv_caches=None):
+    def forward(self, x, targets=None, start_pos: int = 0, kv_caches=None, packing=None):
         """x: token ids [b, s] on the first stage, else the hidden state from the previous stage.
 
         Returns the hidden state on a stage that is not last; on the last, the mean loss when
         `targets` is given, else this rank's logits [b, s, vocab/tp] (see `gather_logits`).
+        `packing` (llama/packing.py): rows of packed examples, each token at its own position in
+        its example and attending within it only; the loss is then summed over the unmasked
+        targets and divided by `packing.loss_tokens` (when set).
         """
         if self.first_stage:
             check_tensor_parallel(self.cfg, self.tp.size, self.tp.sp, x.shape[1])
@@ -162,11 +165,17 @@ class Transformer(nn.Module):
         seq = x.shape[1] if self.first_stage else h.shape[1] * (self.tp.size if self.tp.sp else 1)
         if start_pos + seq > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seq} exceed max_seq_len={self.cfg.max_seq_len}")
-        cos = self.rope_cos[start_pos:start_pos + seq]
-        sin = self.rope_sin[start_pos:start_pos + seq]
+        if packing is None:
+            cos = self.rope_cos[start_pos:start_pos + seq]
+            sin = self.rope_sin[start_pos:start_pos + seq]
+        else:  # every token its position within its example: tables [b, s, head_dim/2]
+            cos, sin = self.rope_cos[packing.positions], self.rope_sin[packing.positions]
+            mask = packing.attention_mask(self.backend)
         for name, layer in self.layers.items():
             if kv_caches is not None:
                 h = layer(h, cos, sin, kv_caches[name], start_pos)
+            elif packing is not None:
+                h = run_with_recompute(layer, h, cos, sin, None, 0, mask, mode=self.recompute)
             else:
                 h = run_with_recompute(layer, h, cos, sin, mode=self.recompute)
         if not self.last_stage:
@@ -174,6 +183,9 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         if targets is None:
             return logits
+        if packing is not None and packing.loss_tokens is not None:  # a share of the global batch's mean
+            return vocab_parallel_cross_entropy(logits, targets, self.tp.group, self.vocab_start, self.cfg.vocab_size,
+                                                reduction="sum", inplace_backward=True) / packing.loss_tokens
         return vocab_parallel_cross_entropy(logits, targets, self.tp.group, self.vocab_start, self.cfg.vocab_size,
                                             inplace_backward=True)  # nobody else holds these logits
 

@@ -46,6 +46,7 @@ from llama.setup import (  # check_batch, decays, human_bytes: re-exported, thei
     slurm_tasks_per_node,
     tp_node_warning,
 )
+from llama.sft import packed_micro_batches
 from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
 from llama.validation import due, open_eval_data, validation_losses
@@ -165,7 +166,10 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
         lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         mine = rank_slice(data, result.consumed_samples, t.global_batch, topo.dp, topo.dp_rank).to(device)
         result.consumed_samples += t.global_batch
-        micro = [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(t.micro_batch)]
+        if mine.dim() == 2:  # windows of text
+            micro = [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(t.micro_batch)]
+        else:  # packed fine-tuning examples (llama/sft.py): the mean over the batch's trained targets
+            micro = packed_micro_batches(mine, t.micro_batch, topo)
         drill.at_step_start(step, chunks, p2p)
         buckets.start_step(accumulation)
         stats = run_schedule(t.schedule, chunks, micro, p2p, topo.pp, topo.pp_rank, shape, DTYPES[t.dtype])

@@ -168,7 +168,8 @@ def run_schedule(schedule: str, chunks, micro_batches, p2p: PipelineP2P, pp: int
     """Run `schedule` on this rank's model `chunks` (its vpp Transformer stages).
 
     micro_batches: a list of (tokens, targets); the first virtual stage reads tokens, the last
-    targets. Returns StageStats; `losses` holds each micro-batch's loss on the last stage.
+    targets. A third item, packed examples' `llama.packing.Packing`, goes to every stage.
+    Returns StageStats; `losses` holds each micro-batch's loss on the last stage.
     """
     m, vpp = len(micro_batches), len(chunks)
     plan = _plan(schedule, m, pp, vpp, forward_only)[pp_rank]
@@ -184,11 +185,12 @@ def run_schedule(schedule: str, chunks, micro_batches, p2p: PipelineP2P, pp: int
             kind, mb, c = phase.action
             chunk, j = chunks[c], c * pp + pp_rank
             if kind == "F":
-                tokens, targets = micro_batches[mb]
+                tokens, targets, *packing = micro_batches[mb]  # packed examples: every stage needs them
+                kw = {"packing": packing[0]} if packing else {}
                 x = tokens if chunk.first_stage else inbox.pop(("act", mb, j))().requires_grad_(not forward_only)
                 t0 = time.perf_counter()
                 with torch.set_grad_enabled(not forward_only):
-                    out = chunk(x, targets) if chunk.last_stage else chunk(x)
+                    out = chunk(x, targets, **kw) if chunk.last_stage else chunk(x, **kw)
                 stats.busy_s += time.perf_counter() - t0
                 if chunk.last_stage:
                     losses[mb] = out.item()
