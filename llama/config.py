@@ -142,11 +142,39 @@ class LlamaConfig:
             return self.ffn_hidden
         return ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
+    def key(self) -> tuple:
+        """Every field, hashable (rope_scaling's mapping as sorted pairs): a cache key, and the
+        arguments `from_key` rebuilds the config from."""
+        return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in dataclasses.astuple(self))
+
+    @classmethod
+    def from_key(cls, key: tuple) -> LlamaConfig:
+        return cls(*(dict(v) if isinstance(v, tuple) else v for v in key))
+
     def num_params(self) -> int:
         """Parameter count from the shapes alone (no biases; the output head counted unless tied)."""
         per_layer = 2 * self.dim * (self.dim + self.kv_dim) + 3 * self.dim * self.ffn_dim + 2 * self.dim
         embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * self.dim
         return embeddings + self.n_layers * per_layer + self.dim
+
+
+# what a checkpoint's tensor shapes do not show, and a model loading it must agree on
+UNSEEN_IN_SHAPES = ("rope_theta", "rope_scaling", "norm_eps", "tie_word_embeddings")
+
+
+def unseen_differences(saved: dict, cfg: LlamaConfig) -> list[str]:
+    """'name: saved → ours' for each UNSEEN_IN_SHAPES field where a checkpoint's model config
+    (its meta.json; a missing field is the default, as older checkpoints lack the newer ones)
+    differs from `cfg`."""
+    fields = {f.name: f.default for f in dataclasses.fields(LlamaConfig)}
+    out = []
+    for name in UNSEEN_IN_SHAPES:
+        theirs = saved.get(name, fields[name])
+        if name == "rope_scaling":
+            theirs = rope_scaling(theirs)
+        if theirs != getattr(cfg, name):
+            out.append(f"{name}: {theirs!r} in the checkpoint, {getattr(cfg, name)!r} in the config")
+    return out
 
 
 @dataclass

@@ -89,6 +89,12 @@ def step_traffic(run: RunConfig, topo, setup: RankSetup) -> list[Message]:
         norms = [b for b in setup.buckets.buckets if b.tp_partial]
         add("tp", "all_reduce", "norm-weight gradients (sp partial sums)", len(norms),
             sum(p.numel() for b in norms for p in b.tp_partial) * setup.buckets.buckets[0].grad.element_size(), tp)
+    copied = [layer.attention.wk for c in setup.chunks for layer in c.layers.values()
+              if layer.attention.wk.copies_group is not None]
+    if copied:  # tp > n_kv_heads: wk's and wv's copies sum their gradients in backward
+        w = copied[0].weight
+        add("tp copies", "all_reduce", "wk, wv gradients of kv-head copies", 2 * mb * len(copied),
+            2 * mb * len(copied) * w.numel() * w.element_size(), w.tp_copies)
     if tp > 1 and last:  # vocab-parallel cross-entropy: max, sum of exponentials, target logit (fp32)
         add("tp", "loss_all_reduce", "cross-entropy statistics", 3 * mb, 3 * mb * t.micro_batch * t.seq_len * 4, tp)
 
@@ -107,6 +113,10 @@ def step_traffic(run: RunConfig, topo, setup: RankSetup) -> list[Message]:
             sum(b.data.numel() * b.data.element_size() for b in buckets), topo.dp)
     else:
         add("dp", "all_reduce", "gradient buckets (fp32)", len(buckets), grads, topo.dp)
+    tied = [b for b in buckets if getattr(b.params[0], "tied_group", None) is not None]
+    for b in tied:  # the first and last stages sum their tied embedding's gradient
+        add("embedding", "all_reduce", "tied embedding gradient", 1,
+            (b.shard_size if t.distributed_optimizer else b.numel) * b.grad.element_size(), 2)
     add("mp", "norm_all_reduce", "gradient norm", 1, 8, topo.tp * topo.pp)
     if t.distributed_optimizer:
         add("dp", "norm_all_reduce", "gradient norm (ZeRO-1 slices)", 1, 8, topo.dp)

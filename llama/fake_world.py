@@ -24,4 +24,6 @@ def fake_world(world_size: int, rank: int):
     try:
         yield
     finally:
+        from parallel.comm import forget_subgroups
+        forget_subgroups()
         dist.destroy_process_group()

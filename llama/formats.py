@@ -106,10 +106,16 @@ def meta_rope_scaling(scaling: dict | None) -> dict:
     return out
 
 
+# LLaMA 3.2's 1B and 3B (dim, n_layers): their params.json says only use_scaled_rope, and Meta's
+# code and Hugging Face's converter (by model version) scale by 32 instead of 3.1's 8
+LLAMA32_SHAPES = {(2048, 16), (3072, 28)}
+
+
 def rope_scaling_from_meta(params: dict) -> dict | None:
     if not params.get("use_scaled_rope"):
         return None
-    return LLAMA3_ROPE_SCALING | {"factor": params.get("rope_scaling_factor") or LLAMA3_ROPE_SCALING["factor"],
+    default = 32.0 if (params.get("dim"), params.get("n_layers")) in LLAMA32_SHAPES else LLAMA3_ROPE_SCALING["factor"]
+    return LLAMA3_ROPE_SCALING | {"factor": params.get("rope_scaling_factor") or default,
                                   "high_freq_factor": params.get("high_freq_factor")
                                   or LLAMA3_ROPE_SCALING["high_freq_factor"]}
 
@@ -130,6 +136,7 @@ def hf_config(cfg: LlamaConfig) -> dict:
             "num_key_value_heads": cfg.kv_heads, "num_hidden_layers": cfg.n_layers, "rms_norm_eps": cfg.norm_eps,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "rope_parameters": (cfg.rope_scaling or {"rope_type": "default"}) | {"rope_theta": cfg.rope_theta},
+            "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,  # what transformers 4.x reads
             "hidden_act": "silu", "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
             "mlp_bias": False,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}

@@ -131,7 +131,7 @@ def _key(run: RunConfig) -> tuple:
     """What the weights, buckets and optimizer state depend on; the run kept for that key is
     one that passes the set-up's checks (micro-batch, schedule and recompute do not change them)."""
     t = run.train
-    key = (dataclasses.astuple(run.model), t.tp, t.pp, t.dp, t.vpp, t.dtype, t.distributed_optimizer, t.bucket_mb,
+    key = (run.model.key(), t.tp, t.pp, t.dp, t.vpp, t.dtype, t.distributed_optimizer, t.bucket_mb,
            t.vocab_pad_multiple, tuple(t.stage_layers or ()))
     _runs.setdefault(key, run)
     return key

@@ -156,7 +156,7 @@ def profile(cfg: LlamaConfig, tp: int, sp: bool, recompute: str, micro_batch: in
     "last": the last stage's extra (final norm, output layer, loss)}, per micro-batch and tp rank,
     as the model runs on `device` (the loss works through its logits in chunks sized per device).
     Needs no process group: it makes (and removes) a fake one of tp ranks."""
-    return _profile(dataclasses.astuple(dataclasses.replace(cfg, n_layers=1)), tp, sp and tp > 1, recompute,
+    return _profile(dataclasses.replace(cfg, n_layers=1).key(), tp, sp and tp > 1, recompute,
                     micro_batch, seq_len, dtype, sp and sp_keep_gathered, vocab_pad_multiple, device)
 
 
@@ -164,7 +164,7 @@ def profile(cfg: LlamaConfig, tp: int, sp: bool, recompute: str, micro_batch: in
 def _profile(cfg_fields: tuple, tp, sp, recompute, micro_batch, seq_len, dtype, sp_keep_gathered,
              vocab_pad_multiple, device) -> dict[str, Work]:
     from llama.fake_world import fake_world
-    one = LlamaConfig(*cfg_fields)
+    one = LlamaConfig.from_key(cfg_fields)
     kw = dict(attention="sdpa", recompute=recompute, dtype=dtype, vocab_pad_multiple=vocab_pad_multiple)
     chunk = {"meta": loss.CHUNK_ENTRIES.get(device, loss.DEFAULT_CHUNK_ENTRIES)}
     with fake_world(tp, 0), torch.device("meta"), mock.patch.dict(loss.CHUNK_ENTRIES, chunk):

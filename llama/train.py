@@ -26,7 +26,7 @@ from launcher import faults
 from launcher.init import initialize
 from launcher.rendezvous import RendezvousError
 from llama.cli import Parser, fail, int_at_least, warn
-from llama.config import ConfigError, RunConfig, load_config, parse_yaml
+from llama.config import ConfigError, RunConfig, load_config, parse_yaml, unseen_differences
 from llama.data import load_mixture, rank_slice
 from llama.demo_corpus import prose_text
 from llama.dry_run import dry_run
@@ -51,7 +51,14 @@ from llama.shards import ShardError
 from llama.tokenizer import Tokenizer, TokenizerError
 from llama.validation import due, open_eval_data, validation_losses
 from parallel import comm
-from parallel.checkpoint import CheckpointError, PendingSave, load_checkpoint, resolve_checkpoint, save_checkpoint
+from parallel.checkpoint import (
+    CheckpointError,
+    PendingSave,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from parallel.lr_schedule import lr_at
 from parallel.optimizer import Optimizer
 from parallel.pipeline.schedules import SCHEDULES, run_schedule
@@ -144,6 +151,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     result = TrainResult(chunks=chunks, optimizer=optimizer)
     first_step = 0
     if ckpt.resume or ckpt.init_from:
+        _check_saved_model(ckpt.resume or ckpt.init_from, m, resume=bool(ckpt.resume), is_logger=is_logger)
         meta = load_checkpoint(ckpt.resume or ckpt.init_from, chunks, optimizer, topo, weights_only=not ckpt.resume)
         if ckpt.resume:
             first_step, result.consumed_samples = meta["step"], meta["consumed_samples"]
@@ -234,6 +242,22 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
     optimizer.wait_params()  # the chunks handed back hold every dp rank's update
     writer.close()
     return result
+
+
+def _check_saved_model(path, model_cfg, resume: bool, is_logger: bool) -> None:
+    """What the tensors' shapes cannot show, compared with the checkpoint's model config. A tie
+    that differs loses or lacks the head's weights: an error. RoPE or norm settings that differ
+    are an error for a resume, and a warning for --init-from (raising rope_theta to extend the
+    context is a fine-tuning recipe). Every rank reads the same meta.json, so all fail alike."""
+    saved = (read_meta(resolve_checkpoint(path)).get("config") or {}).get("model") or {}
+    diffs = unseen_differences(saved, model_cfg)
+    if not diffs:
+        return
+    where = f"checkpoint {str(path)!r} and the model config differ in what tensor shapes do not show"
+    if resume or any(d.startswith("tie_word_embeddings") for d in diffs):
+        raise CheckpointError(f"{where}: {'; '.join(diffs)}; set the config to match (--set model.KEY=VALUE)")
+    if is_logger:
+        warn("llama-train", f"{where}: {'; '.join(diffs)}; training goes on with the config's values")
 
 
 def startup_summary(run: RunConfig, topo, chunks, accumulation: int, buckets, optimizer) -> str:

@@ -74,6 +74,12 @@ def block_subgroup(group, size: int):
     return subgroup(members[mine - mine % size: mine - mine % size + size])
 
 
+def forget_subgroups() -> None:
+    """Drop the cached sub-groups: call when the world they belong to is destroyed (the dry run
+    and the planner make and destroy many fake worlds in one process)."""
+    _SUBGROUPS.clear()
+
+
 def subgroup(ranks) -> object:
     """The group of `ranks` (global ranks, this one among them), created once, by its members
     only (local synchronisation), with the world group's timeout."""

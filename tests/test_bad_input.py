@@ -187,6 +187,8 @@ CASES = [
     ("llama-convert", C("native", "{d}/flipped-ckpt"), CHECKSUM),
     ("llama-train", T("--init-from", "{d}/flipped-ckpt"), CHECKSUM),
     ("llama-train", T("--resume", "{ckpt}"), "has no optimizer state (saved without an optimizer, or converted)"),
+    ("llama-train", T("--init-from", "{ckpt}", "--set", "model.tie_word_embeddings=true"),
+     "tie_word_embeddings: False in the checkpoint, True in the config"),
     ("llama-generate", ["--checkpoint", "{d}/newer-ckpt", "--tokenizer", "{tok}", "--prompt", "hi"], NEWER),
     ("llama-convert", C("native", "{d}/newer-ckpt"), NEWER),
     ("llama-train", T("--init-from", "{d}/newer-ckpt"), NEWER),
@@ -254,6 +256,15 @@ def test_max_new_tokens_past_the_context_is_capped_with_a_warning(files, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("llama-generate: warning: --max-new-tokens 500 capped to "), err
     assert "hello" in out
+
+
+def test_init_from_with_another_rope_theta_warns_and_trains(files, capsys):
+    """Raising rope_theta on a pretrained model is a context-extension recipe: a warning, not an
+    error (a --resume with it is one, like a different tie: see CASES)."""
+    assert train.main(_argv(T("--init-from", "{ckpt}", "--set", "model.rope_theta=500000.0"), files)) == 0
+    err = capsys.readouterr().err
+    assert "llama-train: warning: checkpoint" in err
+    assert "rope_theta: 10000.0 in the checkpoint, 500000.0 in the config; training goes on" in err
 
 
 def test_exponent_numbers_are_numbers_in_set_and_in_yaml(tmp_path):

@@ -151,3 +151,26 @@ def test_a_misspelt_override_section_fails():
 def test_sizes_must_be_integers(value):
     with pytest.raises(ConfigError, match="must be a positive integer"):
         LlamaConfig(dim=value, n_heads=4)
+
+
+def test_what_tensor_shapes_do_not_show_is_compared_with_a_checkpoints_config():
+    from llama.config import unseen_differences
+    cfg = LlamaConfig(rope_theta=500000.0, rope_scaling={"rope_type": "llama3"})
+    saved = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert unseen_differences(saved, cfg) == []  # missing values are 3.1's, as the config's
+    assert unseen_differences({}, cfg) == [  # an older checkpoint: the defaults
+        "rope_theta: 10000.0 in the checkpoint, 500000.0 in the config",
+        f"rope_scaling: None in the checkpoint, {cfg.rope_scaling!r} in the config"]
+    assert unseen_differences({"tie_word_embeddings": True, "norm_eps": 1e-5}, LlamaConfig()) == [
+        "norm_eps: 1e-05 in the checkpoint, 1e-06 in the config",
+        "tie_word_embeddings: True in the checkpoint, False in the config"]
+
+
+def test_meta_params_of_llama32_small_models_scale_rope_by_32():
+    """Meta's params.json for LLaMA 3.2 1B/3B says only use_scaled_rope; their factor is 32."""
+    from llama.formats import meta_params, rope_scaling_from_meta
+    for name, factor in (("llama3.2-1b", 32.0), ("llama3.2-3b", 32.0), ("llama3.1-8b", 8.0)):
+        cfg = load_config(name).model
+        params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "use_scaled_rope": True}
+        assert rope_scaling_from_meta(params)["factor"] == factor, name
+        assert rope_scaling_from_meta(meta_params(cfg)) == cfg.rope_scaling, name

@@ -235,8 +235,9 @@ def test_grouped_query_attention_converts_exactly_and_gives_transformers_logits(
         assert "lm_head.weight" not in hf and "output.weight" in torch.load(tmp_path / "meta" / "consolidated.00.pth")
         assert torch.equal(hf3.pop("lm_head.weight"), hf["model.embed_tokens.weight"])
     _same_tensors(hf, hf3)
-    assert json.loads((tmp_path / "hf3" / "config.json").read_text())["rope_parameters"] == \
-        json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
+    written = json.loads((tmp_path / "hf3" / "config.json").read_text())
+    assert written["rope_parameters"] == json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
+    assert written["rope_scaling"] == cfg.rope_scaling  # what transformers 4.x reads instead
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(tokens).logits

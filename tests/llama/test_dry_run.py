@@ -98,7 +98,9 @@ def _real_step(tp, pp, kw):
 LAYOUTS = [(2, 2, dict(sp=True, recompute="selective")),
            (2, 2, dict(recompute="full")),
            (2, 1, dict(sp=True, distributed_optimizer=True, dtype="bf16")),
-           (1, 2, dict(schedule="interleaved", vpp=2, distributed_optimizer=True))]
+           (1, 2, dict(schedule="interleaved", vpp=2, distributed_optimizer=True)),
+           (2, 2, dict(model={"n_kv_heads": 1}, recompute="selective")),  # kv-head copies
+           (1, 2, dict(model={"tie_word_embeddings": True}, distributed_optimizer=True))]
 
 
 @pytest.mark.timeout(120)

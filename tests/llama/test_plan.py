@@ -106,3 +106,11 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "llama3.2-1b"])
+def test_presets_with_rope_scaling_and_tied_embeddings_are_planned(preset):
+    """rope_scaling is a mapping: the planner's caches key on the config's hashable form."""
+    run = load_config(preset, {"train": {"seq_len": 2048}})
+    pred = predict(run, Layout(tp=4, pp=2, dp=1, micro_batch=1), load("a100-80gb"), 1e9)
+    assert pred.params_per_gpu > 0 and pred.time["total"] > 0 and pred.tokens_per_s_per_gpu > 0
