@@ -89,12 +89,11 @@ def step_traffic(run: RunConfig, topo, setup: RankSetup) -> list[Message]:
         norms = [b for b in setup.buckets.buckets if b.tp_partial]
         add("tp", "all_reduce", "norm-weight gradients (sp partial sums)", len(norms),
             sum(p.numel() for b in norms for p in b.tp_partial) * setup.buckets.buckets[0].grad.element_size(), tp)
-    copied = [layer.attention.wk for c in setup.chunks for layer in c.layers.values()
-              if layer.attention.wk.copies_group is not None]
-    if copied:  # tp > n_kv_heads: wk's and wv's copies sum their gradients in backward
-        w = copied[0].weight
-        add("tp copies", "all_reduce", "wk, wv gradients of kv-head copies", 2 * mb * len(copied),
-            2 * mb * len(copied) * w.numel() * w.element_size(), w.tp_copies)
+    copied = [b for b in setup.buckets.buckets if b.copies_partial]
+    if copied:  # tp > n_kv_heads: the buckets sum wk's and wv's copies' gradients
+        add("tp copies", "all_reduce", "wk, wv gradients of kv-head copies (fp32)", len(copied),
+            sum(p.numel() for b in copied for p in b.copies_partial) * copied[0].grad.element_size(),
+            copied[0].copies_partial[0].tp_copies)
     if tp > 1 and last:  # vocab-parallel cross-entropy: max, sum of exponentials, target logit (fp32)
         add("tp", "loss_all_reduce", "cross-entropy statistics", 3 * mb, 3 * mb * t.micro_batch * t.seq_len * 4, tp)
 

@@ -83,8 +83,10 @@ class GradBuckets:
                                     key=lambda i: min(position[id(p)] for p in self.buckets[i].params))
         for b in self.buckets:
             b.tp_partial = [p for p in b.params if getattr(p, "sequence_parallel", False) and tp_group is not None]
-            for p in b.tp_partial:
-                p.grad_summed_by_buckets = True  # the layer skips its own all-reduce (parallel.norm)
+            # tp ranks' copies of one shard (parallel.layers, `replicas`): partial sums over their group
+            b.copies_partial = [p for p in b.params if getattr(p, "copies_group", None) is not None]
+            for p in b.tp_partial + b.copies_partial:
+                p.grad_summed_by_buckets = True  # the layer skips its own all-reduce (parallel.norm, layers)
         self.expected = 1
         self.accumulated: set[int] = set()
         self.launch_order: list[int] = []  # which buckets were launched, in order (tests read it)
@@ -149,11 +151,10 @@ class GradBuckets:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
-        if bucket.tp_partial:  # sum the sequence-parallel partial gradients across tp, in one go
-            flat = torch.cat([p.main_grad.reshape(-1) for p in bucket.tp_partial])
-            comm.all_reduce(flat, self.tp_group)
-            for p, summed in zip(bucket.tp_partial, flat.split([p.numel() for p in bucket.tp_partial])):
-                p.main_grad.copy_(summed.view_as(p))
+        if bucket.tp_partial:  # the sequence-parallel partial gradients, across tp
+            _sum_partials(bucket.tp_partial, self.tp_group)
+        if bucket.copies_partial:  # the copies' partial gradients, across the ranks holding them
+            _sum_partials(bucket.copies_partial, bucket.copies_partial[0].copies_group)
         if self.dp > 1:
             bucket.grad.div_(self.dp)  # average, not sum, over data-parallel replicas
         if self.reduce_scatter:
@@ -181,3 +182,13 @@ class GradBuckets:
                 comm.all_reduce(reduced, tied_group)  # embedding group); here, after the schedule's last send
             out.append(reduced)
         return out
+
+
+def _sum_partials(params: list[nn.Parameter], group) -> None:
+    """Sum `params`' gradients (partial sums) across `group`: all of a bucket's in one all-reduce,
+    when the bucket is complete, instead of one blocking all-reduce per use in backward
+    (Megatron-LM does it after backward, in finalize_model_grads)."""
+    flat = torch.cat([p.main_grad.reshape(-1) for p in params])
+    comm.all_reduce(flat, group)
+    for p, summed in zip(params, flat.split([p.numel() for p in params])):
+        p.main_grad.copy_(summed.view_as(p))

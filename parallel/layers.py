@@ -80,7 +80,8 @@ class ColumnParallelLinear(nn.Module):
     ranks (the kv heads of grouped-query attention when tp > n_kv_heads). Each copy's gradient
     then covers only its own rank's tokens-to-heads path, so the weight enters the matmul
     through copy_to_tp over the copies, whose backward sums their gradients (Megatron's
-    conjugate pair again, on a sub-group of tp)."""
+    conjugate pair again, on a sub-group of tp); under the gradient buckets, as the trainer
+    runs, the buckets sum them instead, once per step (`copies_group` marks the weight)."""
 
     def __init__(self, in_features, out_features, tp: TensorParallel = NO_TP, gather_output=False,
                  init_std=0.02, padded_out_features=None, device=None, dtype=None, replicas: int = 1):
@@ -90,11 +91,15 @@ class ColumnParallelLinear(nn.Module):
         local_out = divide(padded_out_features or out_features, divide(tp.size, replicas, "replicas"), "out_features")
         self.weight = make_param((local_out, in_features), (out_features, in_features), 0, tp.rank,
                                  tp.size, init_std, device, dtype, replicas=replicas)
-        self.copies_group = comm.block_subgroup(tp.group, replicas) if replicas > 1 else None
+        self.weight.copies_group = comm.block_subgroup(tp.group, replicas) if replicas > 1 else None
 
     def matmul_weight(self) -> torch.Tensor:
-        """The weight as the matmul reads it: through copy_to_tp when tp ranks hold copies of it."""
-        return self.weight if self.copies_group is None else copy_to_tp(self.weight, self.copies_group)
+        """The weight as the matmul reads it: through copy_to_tp when tp ranks hold copies of it,
+        unless the gradient buckets sum the copies' gradients later (one all-reduce per bucket)."""
+        group = self.weight.copies_group
+        if group is None or getattr(self.weight, "grad_summed_by_buckets", False):
+            return self.weight
+        return copy_to_tp(self.weight, group)
 
     def forward(self, x):
         (y,) = column_parallel(x, self)
