@@ -147,14 +147,19 @@ def _hf_weight_files(path: Path) -> list[Path]:
     raise ConversionError(f"{path}: no weights: none of {names}")
 
 
+def hf_model_config(path) -> LlamaConfig:
+    """The model config of a Hugging Face directory, from its config.json alone."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConversionError(f"{path}: no config.json (not a Hugging Face model)")
+    return _config(formats.config_from_hf, path / "config.json", read_json(path / "config.json", "Hugging Face config"))
+
+
 class HFReader:
     def __init__(self, path):
         path = Path(path)
         self.source = str(path)
-        if not (path / "config.json").is_file():
-            raise ConversionError(f"{self.source}: no config.json (not a Hugging Face model)")
-        self.cfg = _config(formats.config_from_hf, path / "config.json",
-                           read_json(path / "config.json", "Hugging Face config"))
+        self.cfg = hf_model_config(path)
         self.files = {}
         for f in _hf_weight_files(path):
             tf = TensorFile(f) if f.suffix == ".safetensors" else PickledTensors(f)
@@ -229,7 +234,7 @@ def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES, token
     tokenizer files beside them (llama/hf_tokenizer.py), checked before any weight is written."""
     if tokenizer is not None:
         from llama.hf_tokenizer import check_tokenizer
-        check_tokenizer(tokenizer, reader.cfg.vocab_size)
+        tokenizer = check_tokenizer(tokenizer, reader.cfg.vocab_size)
     names = formats.native_names(reader.cfg)
     dtype = reader.dtype(names[0][0])
     size = torch.empty((), dtype=dtype).element_size()
@@ -265,7 +270,7 @@ def write_hf(reader, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES, token
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     if tokenizer is not None:
         from llama.hf_tokenizer import write_hf_tokenizer
-        write_hf_tokenizer(tokenizer, out, reader.cfg.vocab_size, reader.cfg.max_seq_len)
+        write_hf_tokenizer(tokenizer, out, reader.cfg.max_seq_len)
 
 
 def write_meta(reader, out: Path, tp: int = 1) -> None:

@@ -74,6 +74,12 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str, topo
     (lm-evaluation-harness's convention), so tokens are what the model would have seen. `model`
     may be a pipeline stage of `topo`: the last stage computes the sum, every stage returns it."""
     pipe = Pipeline(model, topo)
+    total, n = _logprob_on_last_stage(pipe, tokenizer, context, continuation)
+    return pipe.float_from_last(total), n
+
+
+def _logprob_on_last_stage(pipe: Pipeline, tokenizer, context: str, continuation: str) -> tuple[float, int]:
+    """continuation_logprob's sum, on the last stage (0.0 on the others), and the token count."""
     ctx = tokenizer.encode(context, bos=tokenizer.bos_id is not None)
     full = tokenizer.encode(context + continuation, bos=tokenizer.bos_id is not None)
     split = len(ctx)
@@ -87,7 +93,7 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str, topo
         logp = torch.log_softmax(pipe.model.gather_logits(logits).float()[0, :-1], dim=-1)
         picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
         total = picked[split - 1:].sum().item()
-    return pipe.float_from_last(total), len(full) - split
+    return total, len(full) - split
 
 
 def few_shot_prefix(shots: list[dict]) -> str:
@@ -102,20 +108,24 @@ def multiple_choice(model, tokenizer, examples: list[dict], shots: int = 0, norm
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
     rng = random.Random(seed)
-    correct, details = 0, []
+    pipe = Pipeline(model, topo)
+    local = []  # every choice's score, computed on the last stage; broadcast once for the task
     for i, ex in enumerate(examples):
         candidates = [e for j, e in enumerate(pool or examples) if pool is not None or j != i]
         prefix = few_shot_prefix(rng.sample(candidates, min(shots, len(candidates)))) if shots else ""
-        scores = []
         for choice in ex["choices"]:
-            logp, _ = continuation_logprob(model, tokenizer, prefix + ex["context"], choice, topo)
+            logp, _ = _logprob_on_last_stage(pipe, tokenizer, prefix + ex["context"], choice)
             if normalization == "char":
                 logp /= max(1, len(choice))
             elif normalization == "lm-eval":  # acc_norm: len(doc_to_choice), target_delimiter " " left out
                 logp /= max(1, len(choice.removeprefix(" ")))
             elif normalization == "answer":
-                logp -= continuation_logprob(model, tokenizer, "Answer:", choice, topo)[0]
-            scores.append(logp)
+                logp -= _logprob_on_last_stage(pipe, tokenizer, "Answer:", choice)[0]
+            local.append(logp)
+    flat = pipe.from_last(torch.tensor(local, dtype=torch.float64, device=pipe.device)).tolist()
+    correct, details = 0, []
+    for ex in examples:
+        scores, flat = flat[:len(ex["choices"])], flat[len(ex["choices"]):]
         pick = int(np.argmax(scores))
         correct += pick == ex["answer"]
         details.append({"scores": scores, "pick": pick, "answer": ex["answer"]})
@@ -229,9 +239,9 @@ def run(args) -> int:
         if args.tp * args.pp > 1 or _launch_world_size() > 1:
             raise InputError("--harness runs lm-eval's own model in one process: run it without --tp, --pp "
                              "or a launcher (or apart from them)")
-        require_lm_eval()
-        parse_model_args(args.harness_model_args)
+        parse_model_args(args.harness_model_args)  # the checks that need no lm-eval first
         check_inputs(args.checkpoint, args.format, args.tokenizer, args.harness_include)
+        require_lm_eval()
     tasks = {path: read_tasks(path) for path in args.task}
     shots = args.shots or 0
     results = {}

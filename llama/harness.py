@@ -66,8 +66,7 @@ def prepare(checkpoint, fmt: str, tokenizer, workdir: Path) -> dict:
     """lm-eval's `hf` model arguments for the checkpoint: `pretrained` (a Hugging Face
     directory) and, where the tokenizer is not beside the weights, `tokenizer`."""
     from llama.convert import convert
-    from llama.hf_tokenizer import write_hf_tokenizer
-    check_inputs(checkpoint, fmt, tokenizer)
+    from llama.hf_tokenizer import check_tokenizer, write_hf_tokenizer
     checkpoint = Path(checkpoint)
     if fmt == "hf":
         if (checkpoint / "tokenizer.json").is_file():  # the export as it is
@@ -75,9 +74,9 @@ def prepare(checkpoint, fmt: str, tokenizer, workdir: Path) -> dict:
             if tokenizer is not None and own.is_file() and own.read_bytes() != Path(tokenizer).read_bytes():
                 cli.warn("llama-eval", f"--harness uses {checkpoint}'s own tokenizer.json, not --tokenizer {tokenizer}")
             return {"pretrained": str(checkpoint)}
-        from llama.convert import open_reader
-        cfg = open_reader("hf", checkpoint).cfg
-        write_hf_tokenizer(tokenizer, workdir / "tokenizer", cfg.vocab_size, cfg.max_seq_len)
+        from llama.convert import hf_model_config
+        cfg = hf_model_config(checkpoint)  # config.json only: no weight file is opened
+        write_hf_tokenizer(check_tokenizer(tokenizer, cfg.vocab_size), workdir / "tokenizer", cfg.max_seq_len)
         return {"pretrained": str(checkpoint), "tokenizer": str(workdir / "tokenizer")}
     convert(fmt, checkpoint, "hf", workdir / "hf", tokenizer=tokenizer)
     return {"pretrained": str(workdir / "hf")}

@@ -102,13 +102,11 @@ def _check_expressible(tokenizer: Tokenizer, s: dict) -> None:
             raise TokenizerError(f"tokenizer {str(tokenizer.path)!r}: {name} id is {got}, not Meta's {want}")
 
 
-def hf_tokenizer_json(tokenizer: Tokenizer) -> dict:
+def hf_tokenizer_json(tokenizer: Tokenizer, s: dict) -> dict:
     """tokenizer.json for the `tokenizers` library: the vocabulary in id order, and merges that
     rebuild every merged piece from two pieces, ranked by the merged piece's score as
     SentencePiece's BPE ranks them (ties by id, then by the left piece's length, as
-    transformers' own converter writes them)."""
-    s = spm_settings(tokenizer)
-    _check_expressible(tokenizer, s)
+    transformers' own converter writes them). `s`: its spm_settings, checked (check_tokenizer)."""
     sp = tokenizer.sp
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
@@ -159,22 +157,23 @@ def hf_tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
                                      for i, p in enumerate((unk, bos, eos))}}
 
 
-def check_tokenizer(path, vocab_size: int) -> Tokenizer:
-    """The tokenizer at `path`, checked to be writable as HF's files for a model of vocab_size
-    ids (before any weight is written)."""
+def check_tokenizer(path, vocab_size: int) -> tuple[Tokenizer, dict]:
+    """The tokenizer at `path` and its settings, checked to be writable as HF's files for a
+    model of vocab_size ids (before any weight is written): what write_hf_tokenizer takes."""
     tokenizer = Tokenizer(path)
     tokenizer.check_fits(vocab_size)
-    _check_expressible(tokenizer, spm_settings(tokenizer))
-    return tokenizer
+    settings = spm_settings(tokenizer)
+    _check_expressible(tokenizer, settings)
+    return tokenizer, settings
 
 
-def write_hf_tokenizer(path, out, vocab_size: int, max_length: int = 2048) -> None:
-    """Hugging Face's tokenizer files for the SentencePiece model `path`, beside a model of
-    vocab_size ids in directory `out`."""
-    tokenizer = check_tokenizer(path, vocab_size)
+def write_hf_tokenizer(checked: tuple[Tokenizer, dict], out, max_length: int = 2048) -> None:
+    """Hugging Face's tokenizer files for a tokenizer `check_tokenizer` passed, in directory `out`."""
+    tokenizer, settings = checked
+    path = tokenizer.path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"tokenizer.json": hf_tokenizer_json(tokenizer),
+    files = {"tokenizer.json": hf_tokenizer_json(tokenizer, settings),
              "tokenizer_config.json": hf_tokenizer_config(tokenizer, max_length),
              "special_tokens_map.json": {k: tokenizer.sp.id_to_piece(i)
                                          for k, i in (("bos_token", 1), ("eos_token", 2), ("unk_token", 0))}}

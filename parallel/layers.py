@@ -96,7 +96,7 @@ class ColumnParallelLinear(nn.Module):
     def matmul_weight(self) -> torch.Tensor:
         """The weight as the matmul reads it: through copy_to_tp when tp ranks hold copies of it,
         unless the gradient buckets sum the copies' gradients later (one all-reduce per bucket)."""
-        group = self.weight.copies_group
+        group = getattr(self.weight, "copies_group", None)  # None too for a tied embedding
         if group is None or getattr(self.weight, "grad_summed_by_buckets", False):
             return self.weight
         return copy_to_tp(self.weight, group)

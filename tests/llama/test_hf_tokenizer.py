@@ -12,7 +12,7 @@ import torch
 from llama.config import LlamaConfig
 from llama.convert_cli import main as convert_main
 from llama.demo_corpus import code_docs, prose_docs, take
-from llama.hf_tokenizer import spm_settings, write_hf_tokenizer
+from llama.hf_tokenizer import check_tokenizer, spm_settings, write_hf_tokenizer
 from llama.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -26,7 +26,7 @@ def demo(tmp_path_factory):
     prose, code = take(prose_docs(), 500_000), take(code_docs(), 500_000)
     model = train_tokenizer([d for i, d in enumerate(prose) if i % 20 != 19] + code, root / "tokenizer",
                             vocab_size=4096)
-    write_hf_tokenizer(model, root / "hf", 4096)
+    write_hf_tokenizer(check_tokenizer(model, 4096), root / "hf")
     return {"model": model, "hf": root / "hf", "valid": prose[19::20], "code": code}
 
 
