@@ -22,7 +22,7 @@ stage receives them with the micro-batch, as the last stage receives the targets
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,13 +32,18 @@ class Packing:
     positions: torch.Tensor          # [b, s] int64
     segments: torch.Tensor           # [b, s] int64
     loss_tokens: float | None = None
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)  # by backend, built once
 
     def attention_mask(self, backend: str):
-        """The block-diagonal causal mask in `backend`'s form (see the module docstring)."""
-        if backend == "xformers":
-            from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
-            return BlockDiagonalCausalMask.from_seqlens(segment_lengths(self.segments))
-        return block_causal_mask(self.segments)
+        """The block-diagonal causal mask in `backend`'s form (see the module docstring), built
+        once per micro-batch: every model chunk of the rank (vpp > 1) and recompute reuse it."""
+        if backend not in self._masks:
+            if backend == "xformers":
+                from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+                self._masks[backend] = BlockDiagonalCausalMask.from_seqlens(segment_lengths(self.segments))
+            else:
+                self._masks[backend] = block_causal_mask(self.segments)
+        return self._masks[backend]
 
 
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:

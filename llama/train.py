@@ -208,7 +208,7 @@ def train(run: RunConfig, topo, show_progress: bool = True, metrics_path=None, d
             record |= {"val_loss": val_loss, "val_ppl": _perplexity(val_loss)}
         writer.write(record)
         val_text = f" val_loss {record['val_loss']:.4f} val_ppl {record['val_ppl']:.2f}" if "val_loss" in record else ""
-        last_val = {"val": f"{list(result.val_losses.values())[-1]:.3f}"} if result.val_losses else {}
+        last_val = {"val": f"{next(reversed(result.val_losses.values())):.3f}"} if result.val_losses else {}
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", step_s=f"{step_s:.2f}",
                         tok_s=f"{tokens_per_s:,.0f}", **last_val)
         if is_logger and (val_text or not show_progress and (step % t.log_every == 0 or step == t.steps - 1)):

@@ -25,6 +25,9 @@ class EvalData:
 
     def __init__(self, path: str, seq_len: int, global_batch: int, iters: int, vocab_size: int):
         self.shard = Shard(path)
+        if self.shard.loss_mask is not None:  # its windows would score prompts and cross examples
+            raise ShardError(f"eval data {path!r} is a fine-tuning shard (it has a .mask): validation reads windows "
+                             "of text; give a held-out text shard")
         self.shard.check_vocab(vocab_size)
         self.seq_len, self.global_batch, self.iters = seq_len, global_batch, iters
         need = iters * global_batch * seq_len + 1

@@ -167,3 +167,16 @@ def test_bad_validation_input_is_one_line_before_the_rendezvous(argv, want, held
         code = exit.code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("llama-train: error: ") and want in err[0], err
+
+
+def test_a_fine_tuning_shard_is_refused_as_eval_data(tmp_path, capsys, monkeypatch):
+    """Its windows would score the prompts and attend across examples: not the training loss."""
+    prefix = tmp_path / "sft"
+    w = ShardWriter(prefix, 256, with_mask=True)
+    text = np.frombuffer(prose_text(max_bytes=60_000).encode()[-4000:], dtype=np.uint8)
+    w.add(text, mask=np.ones(len(text), dtype=np.uint8))
+    w.close()
+    monkeypatch.setattr(train_module, "initialize", lambda *a, **k: pytest.fail("the rendezvous started"))
+    assert main([*tiny_run_args(), "--eval-data", str(prefix)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is a fine-tuning shard (it has a .mask)" in err[0], err

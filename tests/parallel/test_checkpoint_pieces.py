@@ -17,10 +17,9 @@ pytestmark = pytest.mark.timeout(240)
 ATOL = 2e-6
 
 
-def _run(tp, pp, dp, zero, kv=None):
-    """kv: None, or the kv heads; "tied": tied embeddings instead (LLaMA 3.2)."""
-    model = {"tie_word_embeddings": True} if kv == "tied" else {"n_kv_heads": kv}
-    run = load_config("tiny", {"model": model})
+def _run(tp, pp, dp, zero, model=None):
+    """`model`: overrides of the tiny model's config."""
+    run = load_config("tiny", {"model": model or {}})
     run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=[], tokenizer=""))
     t = run.train
     t.tp, t.pp, t.dp, t.distributed_optimizer, t.steps, t.micro_batch = tp, pp, dp, zero, 1, 8
@@ -32,9 +31,9 @@ def _train(run, topo):
     return train(run, topo, show_progress=False, data=ByteDemoData(run.train.seq_len, 0))
 
 
-def _save(directory, tp, pp, dp, zero, kv=None):
+def _save(directory, tp, pp, dp, zero, model=None):
     topo = topology(tp, pp, dp)
-    result = _train(_run(tp, pp, dp, zero, kv), topo)
+    result = _train(_run(tp, pp, dp, zero, model), topo)
     pieces = my_pieces(result.chunks, topo, result.optimizer)
     nbytes = write_pieces(directory, topo.rank, pieces)
     index = gather_index([pc for pc, _ in pieces], topo)
@@ -43,9 +42,9 @@ def _save(directory, tp, pp, dp, zero, kv=None):
     return nbytes
 
 
-def _reference(kv=None):
+def _reference(model=None):
     """The logical weights and Adam state after the same step on one process."""
-    result = _train(_run(1, 1, 1, False, kv), build_topology(1, 1, 1))
+    result = _train(_run(1, 1, 1, False, model), build_topology(1, 1, 1))
     opt, tensors, params = result.optimizer, {}, dict(named_params(result.chunks))
     for name, p in params.items():
         tensors[name] = p.detach().clone()
@@ -58,13 +57,16 @@ def _reference(kv=None):
     return tensors, params
 
 
-# kv=1: grouped-query attention with tp 2 holding two copies of the one kv head, which are written once;
-# "tied": the last stage's copy of a tied embedding is not written (the first stage writes it)
-@pytest.mark.parametrize("tp,pp,dp,zero,kv", [(2, 1, 2, True, None), (1, 2, 2, False, None), (2, 1, 2, True, 1),
-                                              (2, 1, 2, False, 1), (1, 2, 2, True, "tied")])
-def test_every_rank_writes_its_share_once_and_any_layout_reads_it_back(tmp_path, tp, pp, dp, zero, kv):
-    written = run_on_ranks(_save, tp * pp * dp, tmp_path, tp, pp, dp, zero, kv, timeout=200)
-    reference, params = _reference(kv)
+KV1, TIED = {"n_kv_heads": 1}, {"tie_word_embeddings": True}
+
+
+# KV1: grouped-query attention with tp 2 holding two copies of the one kv head, which are written once;
+# TIED: the last stage's copy of a tied embedding is not written (the first stage writes it)
+@pytest.mark.parametrize("tp,pp,dp,zero,model", [(2, 1, 2, True, None), (1, 2, 2, False, None),
+                                                 (2, 1, 2, True, KV1), (2, 1, 2, False, KV1), (1, 2, 2, True, TIED)])
+def test_every_rank_writes_its_share_once_and_any_layout_reads_it_back(tmp_path, tp, pp, dp, zero, model):
+    written = run_on_ranks(_save, tp * pp * dp, tmp_path, tp, pp, dp, zero, model, timeout=200)
+    reference, params = _reference(model)
     index = PieceIndex.open(tmp_path)
     assert set(index.tensors) == set(reference)
     total = 0
@@ -83,7 +85,7 @@ def test_every_rank_writes_its_share_once_and_any_layout_reads_it_back(tmp_path,
         # and what the planner predicts a GPU writes for this layout is what the busiest one wrote
         from llama.hardware import load
         from llama.perf_model import Layout, checkpoint_save, predict
-        run, layout = _run(tp, pp, dp, zero, kv), Layout(tp, pp, dp, micro_batch=8, distributed_optimizer=zero)
+        run, layout = _run(tp, pp, dp, zero, model), Layout(tp, pp, dp, micro_batch=8, distributed_optimizer=zero)
         save = checkpoint_save(predict(run, layout, load("a100-80gb"), 0), run, load("a100-80gb"), 1.0)
         assert save["bytes_per_gpu"] == pytest.approx(max(written), rel=0.02)
 
